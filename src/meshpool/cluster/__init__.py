@@ -1,0 +1,1 @@
+"""The embedded local cluster: worker processes on this machine, supervised."""

@@ -1,0 +1,157 @@
+"""The embedded local cluster's worker processes, and their supervision (the nanny's job).
+
+Workers are fresh interpreters (``python -m meshpool.worker``), never forks: the caller may hold
+zmq contexts and threads, and needs no ``__main__`` guard. Each gets its configuration as one JSON
+line on stdin and keeps that pipe open: when the caller dies, even by SIGKILL, the pipe closes and
+the worker exits, removing its ipc socket files. Workers run in their own process group, so a
+Ctrl-C in the caller's terminal reaches only the caller, which then shuts down cleanly.
+
+One waiter thread per process reports its exit through ``on_exit``; the owner (the client's I/O
+thread) tells the scheduler and calls :meth:`LocalWorkers.restart`. A worker that dies before it
+ever registered counts as a failed start; :data:`MAX_FAILED_STARTS` in a row break the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+MAX_FAILED_STARTS = 3  # consecutive workers dying before registering: stop retrying
+STOP_TIMEOUT = 5.0  # seconds a closing worker gets before it is killed
+
+
+@dataclass
+class WorkerProcess:
+    index: int
+    worker_id: str
+    name: str
+    process: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
+    registered: bool = False
+
+
+class LocalWorkers:
+    def __init__(
+        self,
+        *,
+        count: int,
+        scheduler_address: str,
+        directory: str,
+        prefix: str,
+        nthreads: int,
+        memory_limit: int | None,
+        on_exit: Callable[[str, int], None],
+        extra_config: dict | None = None,
+    ) -> None:
+        self.count = count
+        self.scheduler_address = scheduler_address
+        self.directory = directory
+        self.prefix = prefix
+        self.nthreads = nthreads
+        self.memory_limit = memory_limit
+        self.on_exit = on_exit
+        self.extra_config = extra_config or {}
+        self.processes: dict[str, WorkerProcess] = {}
+        self.failed_starts = 0
+        self.closing = False
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        for index in range(self.count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> WorkerProcess:
+        self._generation += 1
+        worker_id = f"{self.prefix}-{index}-{self._generation}"
+        name = f"worker-{index}"
+        config = {
+            "scheduler": self.scheduler_address,
+            "worker_id": worker_id,
+            "name": name,
+            "nthreads": self.nthreads,
+            "data_address": f"ipc://{self.directory}/w{self._generation}",
+            "memory_limit": self.memory_limit or 0,
+            "sys_path": [p for p in sys.path if p],
+            "cwd": os.getcwd(),
+            "cleanup": [os.path.join(self.directory, "scheduler")],
+            "cleanup_dir": self.directory,
+            **self.extra_config,
+        }
+        kwargs: dict = {}
+        if sys.version_info >= (3, 11):
+            kwargs["process_group"] = 0
+        else:  # pragma: no cover - Python 3.10
+            kwargs["start_new_session"] = True
+        process = subprocess.Popen(
+            [sys.executable, "-m", "meshpool.worker"],
+            stdin=subprocess.PIPE,
+            close_fds=True,
+            **kwargs,
+        )
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(config).encode() + b"\n")
+        process.stdin.flush()
+        wp = WorkerProcess(index, worker_id, name, process)
+        with self._lock:
+            self.processes[worker_id] = wp
+        threading.Thread(
+            target=self._wait, args=(wp,), name=f"meshpool-wait-{name}", daemon=True
+        ).start()
+        return wp
+
+    def _wait(self, wp: WorkerProcess) -> None:
+        code = wp.process.wait()
+        self.on_exit(wp.worker_id, code)
+
+    def registered(self, worker_id: str) -> None:
+        wp = self.processes.get(worker_id)
+        if wp is not None:
+            wp.registered = True
+            self.failed_starts = 0
+
+    def exited(self, worker_id: str) -> bool:
+        """Forget an exited process and restart it; False once starts keep failing."""
+        with self._lock:
+            wp = self.processes.pop(worker_id, None)
+        if wp is None or self.closing:
+            return True
+        if wp.process.stdin is not None:
+            try:
+                wp.process.stdin.close()
+            except OSError:
+                pass
+        if not wp.registered:
+            self.failed_starts += 1
+            if self.failed_starts >= MAX_FAILED_STARTS:
+                return False
+        self._spawn(wp.index)
+        return True
+
+    def pids(self) -> list[int]:
+        return [wp.process.pid for wp in self.processes.values()]
+
+    def close(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop every worker: close their stdin (they exit), then kill any that linger."""
+        self.closing = True
+        with self._lock:
+            procs = list(self.processes.values())
+        for wp in procs:
+            if wp.process.stdin is not None:
+                try:
+                    wp.process.stdin.close()
+                except OSError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for wp in procs:
+            try:
+                wp.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                wp.process.kill()
+                wp.process.wait()

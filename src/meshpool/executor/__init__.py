@@ -1,0 +1,1 @@
+"""Executor, Future, as_completed, wait, and the client's I/O thread."""

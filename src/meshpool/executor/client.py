@@ -1,0 +1,664 @@
+"""The client's I/O thread: the one owner of an executor's sockets.
+
+Theory of operation::
+
+    caller threads ──commands (SimpleQueue) + wake pipe──▶ I/O thread ──▶ scheduler
+                                                            │   (embedded: SchedulerServer in
+                                                            │    this thread, no extra hop)
+    futures ◀── set_result(Packed | Remote) / set_exception ┘◀── done / erred / cancelled
+    result() of a large value ──fetch──▶ who-has ──▶ GetData to the worker's data socket
+
+As in the stdlib's ``process.py``, ``submit()`` only serializes (in the caller's thread, so a
+pickling error is raised there), records work and wakes the I/O thread. The I/O thread never runs
+user code: it forwards frames, completes futures and hands callbacks to the callback thread. It
+holds pending futures strongly and finished ones not at all, so a dropped future releases its key
+once finished, and never before.
+
+The thread stops when it is told to close (``shutdown``), when its executor is garbage-collected,
+or at interpreter exit — in every case only after pending tasks have finished, and after fetching
+large results that live futures still reference (so ``result()`` works after ``shutdown()``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+import weakref
+from concurrent.futures import Future as PlainFuture
+from typing import Any
+
+import zmq
+
+from .. import errors
+from .. import messages as m
+from ..transport import serialize
+from ..transport.header import MalformedMessage
+from ..transport.security import Security
+from ..transport.sockets import make_socket, private_directory, remove_directory
+from .future import Future, Packed, Remote
+
+logger = logging.getLogger("meshpool.client")
+
+FETCH_TIMEOUT = 30.0  # a worker that has not sent requested data by then is given up on
+FETCH_RETRIES = 20  # who-has rounds for data that is moving (or being recomputed)
+SCHEDULER_SILENCE = 10.0  # no word from a remote scheduler this long: it is lost
+POLL_MS = 100
+
+_live_cores: weakref.WeakSet = weakref.WeakSet()
+_exiting = False
+
+
+class _Fetch:
+    __slots__ = ("keys", "reply", "frames", "attempts", "requests", "deadline", "asking")
+
+    def __init__(self, keys: list, reply: PlainFuture) -> None:
+        self.keys = keys
+        self.reply = reply
+        self.frames: dict = {}
+        self.attempts = 0
+        self.requests: set[int] = set()
+        self.deadline = 0.0
+        self.asking = False
+
+
+class ClientCore:
+    """Everything one executor shares with its I/O thread."""
+
+    def __init__(
+        self,
+        address: str | None,
+        *,
+        nworkers: int,
+        threads_per_worker: int,
+        security: Security | None,
+        timeout: float,
+        memory_limit: int | None,
+    ) -> None:
+        self.client_id = f"client-{uuid.uuid4().hex[:12]}"
+        self.prefix = uuid.uuid4().hex[:8]
+        self.address = address
+        self.security = security
+        self.timeout = timeout
+        self.pid = os.getpid()
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_pending = False
+        self._fds_closed = False
+        self.pending: dict[Any, Future] = {}
+        self.remote_done: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.requests: dict[int, PlainFuture] = {}
+        self.fetches: dict[int, _Fetch] = {}
+        self.data_requests: dict[int, tuple[int, str, float]] = {}  # data req -> (fetch, address)
+        self.data_socks: dict[str, zmq.Socket] = {}
+        self.broken: BaseException | None = None
+        self.closing = False
+        self.cancel_on_close = False
+        self.executor_alive = True
+        self.counter = itertools.count(1)
+        self._ids = itertools.count(1)
+        self.stats = {
+            "submitted": 0,
+            "finished": 0,
+            "client_bytes_sent": 0,
+            "client_bytes_received": 0,
+        }
+        self.directory: str | None = None
+        self.server: Any = None
+        self.cluster: Any = None
+        self.dealer: zmq.Socket | None = None
+        self._last_from_scheduler = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name="meshpool-io", daemon=True)
+        if address is None:
+            self._start_local(nworkers, threads_per_worker, memory_limit)
+        else:
+            self._connect(address)
+        _live_cores.add(self)
+        self.thread.start()
+
+    # --- set-up ------------------------------------------------------------------------------
+
+    def _start_local(self, nworkers: int, threads_per_worker: int, memory_limit: int | None) -> None:
+        from ..cluster.local import LocalWorkers
+        from ..scheduler.server import SchedulerServer
+
+        self.directory = private_directory()
+        self.server = SchedulerServer(
+            f"ipc://{self.directory}/scheduler",
+            local_client=self.client_id,
+            deliver_local=self._on_message,
+        )
+        self.server.on_worker_added = self._worker_registered
+        self.cluster = LocalWorkers(
+            count=nworkers,
+            scheduler_address=self.server.address,
+            directory=self.directory,
+            prefix=self.prefix,
+            nthreads=threads_per_worker,
+            memory_limit=memory_limit,
+            on_exit=self._worker_exited,
+        )
+        self.cluster.start()
+
+    def _connect(self, address: str) -> None:
+        """Connect to a remote scheduler and handshake within ``timeout`` seconds."""
+        dealer = make_socket(zmq.DEALER, identity=self.client_id.encode())
+        if self.security is not None:
+            self.security.client(dealer, address)
+        dealer.connect(address)
+        dealer.send_multipart(m.encode(m.HelloClient(self.client_id, m.versions())))
+        if not dealer.poll(int(self.timeout * 1000)):
+            dealer.close(linger=0)
+            hint = (
+                "is it running, and do we hold the cluster's credentials?"
+                if self.security is not None
+                else "is it running? (a secured scheduler needs security=...)"
+            )
+            raise errors.CommError(
+                f"no answer from the scheduler at {address} within {self.timeout:g} s: {hint}"
+            )
+        msg = m.decode(dealer.recv_multipart())
+        if isinstance(msg, m.ClusterBroken):
+            dealer.close(linger=0)
+            raise errors.VersionMismatch(msg.reason)
+        self.dealer = dealer
+
+    # --- called from any thread --------------------------------------------------------------
+
+    def wake(self) -> None:
+        if not self._wake_pending and not self._fds_closed:
+            self._wake_pending = True
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:  # pipe full (already awake) or closed
+                pass
+
+    def command(self, *item: Any) -> None:
+        self.commands.put(item)
+        self.wake()
+
+    def release_soon(self, key: Any) -> None:
+        """Called by future finalizers (anywhere, any time): only enqueue."""
+        if os.getpid() != self.pid or self.thread is None:
+            return
+        self.commands.put(("release", key))
+        self.wake()
+
+    def request(self, msg_factory: Any, timeout: float | None) -> Any:
+        """Send a request built by ``msg_factory(request_id)`` and wait for its reply value."""
+        reply: PlainFuture = PlainFuture()
+        self.command("request", msg_factory, reply)
+        return reply.result(timeout)
+
+    def cancel(self, futures: list[Future], timeout: float) -> set:
+        reply: PlainFuture = PlainFuture()
+        self.command("cancel", [f.key for f in futures], reply)
+        try:
+            return set(reply.result(timeout))
+        except Exception:
+            return set()
+
+    def fetch(self, key: Any, timeout: float | None) -> list:
+        return self.fetch_async(key).result(timeout)[key]
+
+    def fetch_async(self, key: Any) -> PlainFuture:
+        reply: PlainFuture = PlainFuture()
+        self.command("fetch", [key], reply)
+        return reply
+
+    def fetch_many(self, keys: list) -> PlainFuture:
+        reply: PlainFuture = PlainFuture()
+        self.command("fetch", keys, reply)
+        return reply
+
+    def graph_of(self, keys: list) -> dict:
+        return {key: (str(key), []) for key in keys}
+
+    def close(self, wait: bool, cancel_futures: bool) -> None:
+        self.command("close", cancel_futures)
+        if wait and threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    # --- the I/O thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        if self.server is not None:
+            poller.register(self.server.router, zmq.POLLIN)
+        if self.dealer is not None:
+            poller.register(self.dealer, zmq.POLLIN)
+        self._poller = poller
+        try:
+            while True:
+                events = dict(poller.poll(POLL_MS))
+                if self._wake_r in events:
+                    self._wake_pending = False
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except (BlockingIOError, OSError):
+                        pass
+                self._drain_commands()
+                if self.server is not None and self.server.router in events:
+                    self.server.handle_router()
+                if self.dealer is not None and self.dealer in events:
+                    self._drain_dealer()
+                for sock in [s for s in self.data_socks.values() if s in events]:
+                    self._drain_data(sock)
+                now = time.monotonic()
+                self._on_tick(now)
+                if self._should_stop():
+                    break
+        except Exception as exc:  # a bug in here must not hang callers
+            logger.exception("meshpool I/O thread failed")
+            self._break(errors.SchedulerLost(f"the executor's I/O thread failed: {exc!r}"))
+        finally:
+            self._teardown()
+
+    def _should_stop(self) -> bool:
+        if not (self.closing or not self.executor_alive or _exiting or self.broken):
+            return False
+        if self.broken is not None:
+            return True
+        if self.pending:
+            return False
+        return not self.fetches
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                item = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                getattr(self, "_cmd_" + item[0].replace("-", "_"))(*item[1:])
+            except Exception:
+                logger.exception("error handling command %s", item[0])
+
+    def _send(self, msg: Any) -> None:
+        if self.server is not None:
+            self.server.handle_local(msg)
+        elif self.dealer is not None:
+            frames = m.encode(msg)
+            self.stats["client_bytes_sent"] += sum(
+                f.nbytes if isinstance(f, memoryview) else len(f) for f in frames
+            )
+            self.dealer.send_multipart(frames, copy=False)
+
+    # --- commands ----------------------------------------------------------------------------
+
+    def _cmd_submit(self, rows: list, frames: list, futures: list[Future]) -> None:
+        if self.broken is not None:
+            for fut in futures:
+                fut.set_exception(self.broken)
+            return
+        for fut in futures:
+            self.pending[fut.key] = fut
+        self.stats["submitted"] += len(futures)
+        self._send(m.SubmitTasks(rows, frames))
+
+    def _cmd_release(self, key: Any) -> None:
+        if self.broken is None and key not in self.pending:
+            self._send(m.ReleaseKeys([key]))
+
+    def _cmd_cancel(self, keys: list, reply: PlainFuture) -> None:
+        request_id = next(self._ids)
+        self.requests[request_id] = reply
+        self._send(m.CancelKeys(request_id, keys))
+
+    def _cmd_request(self, factory: Any, reply: PlainFuture) -> None:
+        request_id = next(self._ids)
+        self.requests[request_id] = reply
+        self._send(factory(request_id))
+
+    def _cmd_initializer(self, frames: list) -> None:
+        self._send(m.SetInitializer(frames))
+
+    def _cmd_store(self, address: str, items: list, frames: list, scatter_rows: list) -> None:
+        """Send data straight to a worker's data socket, then tell the scheduler."""
+        sock = self._data_sock(address)
+        out = m.encode(m.StoreData(items, frames))
+        self.stats["client_bytes_sent"] += serialize.nbytes(out)
+        sock.send_multipart(out, copy=False)
+        self._send(m.Scatter(scatter_rows))
+
+    def _cmd_fetch(self, keys: list, reply: PlainFuture) -> None:
+        fetch_id = next(self._ids)
+        fetch = _Fetch(list(keys), reply)
+        fetch.deadline = time.monotonic() + FETCH_TIMEOUT
+        self.fetches[fetch_id] = fetch
+        self._ask_who_has(fetch_id)
+
+    def _cmd_worker_exited(self, worker_id: str, code: int) -> None:
+        if self.server is None:
+            return
+        self.server.remove_worker(worker_id, f"process exited with code {code}")
+        if not self.cluster.exited(worker_id):
+            self._break(
+                errors.WorkerStartError(
+                    f"worker processes failed to start {self.cluster.failed_starts} times in a "
+                    f"row (last exit code {code}); see their output above"
+                )
+            )
+
+    def _cmd_close(self, cancel_futures: bool) -> None:
+        self.closing = True
+        if cancel_futures and self.pending:
+            request_id = next(self._ids)
+            self.requests[request_id] = PlainFuture()
+            self._send(m.CancelKeys(request_id, list(self.pending)))
+
+    def _cmd_executor_gone(self) -> None:
+        self.executor_alive = False
+
+    def _cmd_call(self, fn: Any) -> None:
+        fn(self)
+
+    # --- messages from the scheduler ---------------------------------------------------------
+
+    def _drain_dealer(self) -> None:
+        assert self.dealer is not None
+        for _ in range(2000):
+            try:
+                frames = self.dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._last_from_scheduler = time.monotonic()
+            self.stats["client_bytes_received"] += sum(len(f) for f in frames)
+            try:
+                msg = m.decode([frames[0].bytes, *[_bytes_or_buffer(f) for f in frames[1:]]])
+            except MalformedMessage as exc:
+                logger.warning("dropping malformed message from the scheduler: %s", exc)
+                continue
+            self._on_message(msg)
+
+    def _on_message(self, msg: Any) -> None:
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            logger.warning("dropping unexpected %s from the scheduler", type(msg).__name__)
+            return
+        handler(self, msg)
+
+    def _on_done(self, msg: m.TaskDone) -> None:
+        fut = self.pending.pop(msg.key, None)
+        if fut is None:
+            return
+        self.stats["finished"] += 1
+        if msg.has_value:
+            fut.set_result(Packed(msg.frames))
+        else:
+            fut.set_result(Remote(msg.nbytes))
+            self.remote_done[msg.key] = fut
+
+    def _on_erred(self, msg: m.TaskErred) -> None:
+        fut = self.pending.pop(msg.key, None)
+        if fut is None:
+            return
+        self.stats["finished"] += 1
+        fut.set_exception(serialize.loads_exception(msg.frames))
+
+    def _on_cancelled(self, msg: m.TasksCancelled) -> None:
+        for key in msg.keys:
+            fut = self.pending.pop(key, None)
+            if fut is not None:
+                self.stats["finished"] += 1
+                fut._mark_cancelled()
+
+    def _on_cancel_reply(self, msg: m.CancelReply) -> None:
+        self._on_cancelled(m.TasksCancelled(msg.cancelled))
+        self._reply(msg.request_id, msg.cancelled)
+
+    def _on_reply(self, msg: m.Reply) -> None:
+        if msg.request_id > 0:
+            self._reply(msg.request_id, msg.value)
+
+    def _on_broken(self, msg: m.ClusterBroken) -> None:
+        if msg.kind == "initializer":
+            exc = serialize.loads_exception(msg.frames) if msg.frames else None
+            err: BaseException = errors.InitializerFailed(f"{msg.reason}: {exc!r}")
+            err.__cause__ = exc
+        elif msg.kind == "scheduler":
+            err = errors.SchedulerLost(msg.reason)
+        else:
+            err = errors.CommError(msg.reason)
+        self._break(err)
+
+    def _on_who_has(self, msg: m.WhoHasReply) -> None:
+        fetch = self.fetches.get(msg.request_id)
+        if fetch is None:
+            return
+        fetch.asking = False
+        by_address: dict[str, list] = {}
+        missing = []
+        for key in fetch.keys:
+            if key in fetch.frames:
+                continue
+            addresses = msg.locations.get(key) or []
+            if addresses:
+                by_address.setdefault(addresses[0], []).append(key)
+            else:
+                missing.append(key)
+        if missing and not by_address:
+            fetch.attempts += 1
+            if fetch.attempts > FETCH_RETRIES:
+                self._finish_fetch(
+                    msg.request_id,
+                    errors.DataLost(f"no worker holds {missing[0]!r} (released or lost)"),
+                )
+            return  # the tick asks again
+        for address, keys in by_address.items():
+            data_id = next(self._ids)
+            self.data_requests[data_id] = (msg.request_id, address, time.monotonic())
+            fetch.requests.add(data_id)
+            self._data_sock(address).send_multipart(m.encode(m.GetData(data_id, keys)))
+
+    _handlers = {
+        m.TaskDone: _on_done,
+        m.TaskErred: _on_erred,
+        m.TasksCancelled: _on_cancelled,
+        m.CancelReply: _on_cancel_reply,
+        m.Reply: _on_reply,
+        m.ClusterBroken: _on_broken,
+        m.WhoHasReply: _on_who_has,
+    }
+
+    def _reply(self, request_id: int, value: Any) -> None:
+        reply = self.requests.pop(request_id, None)
+        if reply is not None and not reply.done():
+            reply.set_result(value)
+
+    # --- fetching data from workers ----------------------------------------------------------
+
+    def _ask_who_has(self, fetch_id: int) -> None:
+        fetch = self.fetches[fetch_id]
+        keys = [k for k in fetch.keys if k not in fetch.frames]
+        fetch.asking = True
+        self._send(m.WhoHas(fetch_id, keys))
+
+    def _data_sock(self, address: str) -> zmq.Socket:
+        sock = self.data_socks.get(address)
+        if sock is None:
+            sock = self.data_socks[address] = make_socket(zmq.DEALER)
+            if self.security is not None and address.startswith("tcp://"):
+                self.security.client(sock, address)
+            sock.connect(address)
+            self._poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def _drop_data_sock(self, address: str) -> None:
+        sock = self.data_socks.pop(address, None)
+        if sock is not None:
+            self._poller.unregister(sock)
+            sock.close(linger=0)
+
+    def _drain_data(self, sock: zmq.Socket) -> None:
+        for _ in range(100):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.stats["client_bytes_received"] += sum(len(f) for f in frames)
+            try:
+                msg = m.decode([frames[0].bytes, *[_bytes_or_buffer(f) for f in frames[1:]]])
+            except MalformedMessage as exc:
+                logger.warning("dropping malformed data reply: %s", exc)
+                continue
+            if not isinstance(msg, m.Data):
+                continue
+            entry = self.data_requests.pop(msg.request_id, None)
+            if entry is None:
+                continue
+            fetch_id = entry[0]
+            fetch = self.fetches.get(fetch_id)
+            if fetch is None:
+                continue
+            fetch.requests.discard(msg.request_id)
+            offset = 0
+            for key, nframes in msg.items:
+                if nframes >= 0:
+                    fetch.frames[key] = msg.frames[offset : offset + nframes]
+                    offset += nframes
+            if len(fetch.frames) == len(set(fetch.keys)):
+                self._finish_fetch(fetch_id, None)
+            elif not fetch.requests:
+                fetch.attempts += 1
+                self._ask_who_has(fetch_id)
+
+    def _finish_fetch(self, fetch_id: int, error: BaseException | None) -> None:
+        fetch = self.fetches.pop(fetch_id, None)
+        if fetch is None or fetch.reply.done():
+            return
+        if error is not None:
+            fetch.reply.set_exception(error)
+        else:
+            fetch.reply.set_result(fetch.frames)
+
+    def _on_tick(self, now: float) -> None:
+        if self.server is not None:
+            self.server.on_tick(now)
+        elif self.dealer is not None and now - self._last_from_scheduler > SCHEDULER_SILENCE:
+            self._break(
+                errors.SchedulerLost(
+                    f"no word from the scheduler at {self.address} for {SCHEDULER_SILENCE:g} s"
+                )
+            )
+            return
+        for data_id, (fetch_id, address, started) in list(self.data_requests.items()):
+            if now - started > FETCH_TIMEOUT:
+                del self.data_requests[data_id]
+                self._drop_data_sock(address)
+                error = errors.CommError(
+                    f"worker at {address} did not send data within {FETCH_TIMEOUT:g} s"
+                )
+                self._finish_fetch(fetch_id, error)
+        for fetch_id, fetch in list(self.fetches.items()):
+            if fetch.attempts and not fetch.requests and not fetch.asking:
+                self._ask_who_has(fetch_id)
+
+    # --- local cluster events (from waiter threads) -------------------------------------------
+
+    def _worker_exited(self, worker_id: str, code: int) -> None:
+        self.command("worker-exited", worker_id, code)
+
+    def _worker_registered(self, worker_id: str) -> None:
+        if self.cluster is not None:
+            self.cluster.registered(worker_id)
+
+    # --- failure and teardown ----------------------------------------------------------------
+
+    def _break(self, exc: BaseException) -> None:
+        if self.broken is not None:
+            return
+        self.broken = exc
+        pending, self.pending = self.pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        for reply in list(self.requests.values()):
+            if not reply.done():
+                reply.set_exception(exc)
+        self.requests.clear()
+        for fetch_id in list(self.fetches):
+            self._finish_fetch(fetch_id, exc)
+
+    def _keep_large_results(self) -> None:
+        """Before the workers go, bring home large results that live futures still hold."""
+        live = [(k, f) for k, f in list(self.remote_done.items())]
+        if not live or self.broken is not None:
+            return
+        reply: PlainFuture = PlainFuture()
+        fetch_id = next(self._ids)
+        self.fetches[fetch_id] = _Fetch([k for k, _ in live], reply)
+        self.fetches[fetch_id].deadline = time.monotonic() + FETCH_TIMEOUT
+        self._ask_who_has(fetch_id)
+        deadline = time.monotonic() + FETCH_TIMEOUT
+        while not reply.done() and time.monotonic() < deadline:
+            events = dict(self._poller.poll(POLL_MS))
+            if self.server is not None and self.server.router in events:
+                self.server.handle_router()
+            if self.dealer is not None and self.dealer in events:
+                self._drain_dealer()
+            for sock in [s for s in self.data_socks.values() if s in events]:
+                self._drain_data(sock)
+        if reply.done() and reply.exception() is None:
+            frames_by_key = reply.result()
+            for key, fut in live:
+                if key in frames_by_key:
+                    with fut._condition:
+                        fut._result = Packed(frames_by_key[key])
+
+    def _teardown(self) -> None:
+        try:
+            self._keep_large_results()
+        except Exception:
+            logger.exception("could not bring large results home before shutdown")
+        if self.broken is None:
+            self.broken = RuntimeError("cannot schedule new futures after shutdown")
+        for sock in self.data_socks.values():
+            sock.close(linger=0)
+        self.data_socks.clear()
+        if self.dealer is not None:
+            try:
+                self.dealer.send_multipart(m.encode(m.ClientClosing()), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self.dealer.close(linger=100)
+        if self.cluster is not None:
+            self.cluster.close()
+        if self.server is not None:
+            self.server.close()
+        if self.directory is not None:
+            remove_directory(self.directory)
+        self._fds_closed = True
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        _live_cores.discard(self)
+
+
+def _bytes_or_buffer(frame: zmq.Frame) -> Any:
+    return frame.buffer if len(frame) >= serialize.OOB_THRESHOLD else frame.bytes
+
+
+def _python_exit() -> None:
+    """At interpreter exit: let every I/O thread finish pending work, then stop it."""
+    global _exiting
+    _exiting = True
+    cores = list(_live_cores)
+    for core in cores:
+        core.wake()
+    for core in cores:
+        if core.thread.is_alive():
+            core.thread.join()
+
+
+threading._register_atexit(_python_exit)  # type: ignore[attr-defined]

@@ -1,0 +1,499 @@
+"""``meshpool.Executor``: the ``concurrent.futures.Executor`` over a meshpool cluster.
+
+``Executor()`` starts a local cluster (the scheduler inside this process's I/O thread, worker
+processes on this machine, private ipc sockets); ``Executor("tcp://host:port")`` joins a cluster
+started with ``meshpool scheduler`` / ``meshpool worker``. Everything else is the stdlib's
+contract: ``submit``, ``map``, ``shutdown``, ``with``; plus task-graph extras (futures as
+arguments, ``scatter``/``gather``, ``options``).
+
+``submit`` does its serializing here, in the caller's thread — so an unpicklable function or
+argument raises right here, naming the object — and then only enqueues work for the I/O thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures as cf
+from dataclasses import dataclass
+from typing import Any
+
+from .. import errors
+from .. import messages as m
+from ..transport import serialize
+from ..transport.security import Security
+from .client import ClientCore
+from .future import Future
+from .waiting import as_completed as _as_completed
+
+LARGE_ARGUMENTS = 64 * 1024  # arguments bigger than this go straight to a worker as data
+SUBMIT_BATCH = 1000  # tasks per message when map() submits many
+_ATOMIC = (int, float, str, bytes, bool, type(None), complex)
+
+
+@dataclass(frozen=True)
+class ExecutorStatistics:
+    """A snapshot of an executor's counters (``Executor.statistics()``)."""
+
+    submitted: int
+    finished: int
+    pending: int
+    workers: int
+    client_bytes_sent: int
+    client_bytes_received: int
+    scheduler_bytes_sent: int
+    scheduler_bytes_received: int
+
+
+class Executor(cf.Executor):
+    """Run calls on a pool of worker processes, on this machine or a cluster.
+
+    ``Executor(4)`` is ``ProcessPoolExecutor(4)``'s drop-in: an int first argument is
+    ``max_workers``; a string is a scheduler address (``"tcp://host:port"``).
+    """
+
+    def __init__(
+        self,
+        address: str | int | None = None,
+        max_workers: int | None = None,
+        *,
+        threads_per_worker: int = 1,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        security: str | os.PathLike | Security | None = None,
+        timeout: float = 10,
+        memory_limit: int | str | None = None,
+    ) -> None:
+        if isinstance(address, int) and not isinstance(address, bool):
+            if max_workers is not None:
+                raise TypeError("max_workers given twice (an int first argument is max_workers)")
+            address, max_workers = None, address
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if threads_per_worker <= 0:
+            raise ValueError("threads_per_worker must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._functions = serialize.FunctionCache()
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._pid = os.getpid()
+        init_frames = None
+        if initializer is not None:
+            init_frames = serialize.dumps((initializer, tuple(initargs)), what="initializer")
+        self._core = ClientCore(
+            address,
+            nworkers=max_workers or os.cpu_count() or 1,
+            threads_per_worker=threads_per_worker,
+            security=_security(security),
+            timeout=timeout,
+            memory_limit=_parse_size(memory_limit),
+        )
+        self._max_workers = max_workers
+        core = self._core
+        weakref.finalize(self, core.command, "executor-gone")
+        if init_frames is not None:
+            core.command("initializer", init_frames)
+        self._scatter_turn = itertools.count()
+        _register_current(self)
+
+    # --- the stdlib contract -----------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        """Schedule ``fn(*args, **kwargs)``; return a :class:`meshpool.Future`."""
+        return self._submit(fn, args, kwargs, None)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """Like ``Executor.map``: everything is submitted now, results come back in order."""
+        return self._map(fn, iterables, timeout, chunksize, None)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+        if os.getpid() != self._pid:
+            return
+        self._core.close(wait, cancel_futures)
+
+    def as_completed(
+        self, fs: Iterable[cf.Future], timeout: float | None = None
+    ) -> Iterator[cf.Future]:
+        """Yield futures as they finish (``meshpool.as_completed``)."""
+        return _as_completed(fs, timeout=timeout)
+
+    # --- extras ------------------------------------------------------------------------------
+
+    def options(self, **options: Any) -> ExecutorOptions:
+        """A view whose ``submit``/``map`` apply task options: ``priority``, ``retries``,
+        ``workers`` (names), ``resources`` ({"GPU": 1}), ``at_most_once``."""
+        return ExecutorOptions(self, _check_options(options))
+
+    def scatter(self, data: Any, workers: list[str] | None = None) -> Any:
+        """Place data on workers; return a future (or a list of futures, for a list)."""
+        single = not isinstance(data, (list, tuple))
+        items = [data] if single else list(data)
+        futures = self._scatter(items, workers)
+        return futures[0] if single else futures
+
+    def gather(self, futures: Iterable[cf.Future], timeout: float | None = None) -> list:
+        """Results of many futures, large ones fetched from the workers in one round."""
+        futures = list(futures)
+        cf.wait(futures, timeout=timeout)
+        remote = [f.key for f in futures if isinstance(f, Future) and _is_remote(f)]
+        if remote:
+            frames = self._core.fetch_many(remote).result(timeout)
+            for f in futures:
+                if f.key in frames and _is_remote(f):
+                    with f._condition:
+                        f._result = _packed(frames[f.key])
+        return [f.result(timeout) for f in futures]
+
+    def workers(self) -> list[dict]:
+        """The cluster's workers: name, id, address, threads, memory limit, running tasks..."""
+        return self._core.request(m.GetWorkers, self._core.timeout)
+
+    def retire_workers(self, names: list[str]) -> list[str]:
+        """Close the named workers; return the names that were retired."""
+        return self._core.request(lambda rid: m.RetireWorkers(rid, list(names)), None)
+
+    def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> None:
+        """Block until at least ``n`` workers have joined."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(self.workers()) < n:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {n} workers joined within {timeout} s")
+            time.sleep(0.02)
+
+    @property
+    def scheduler_pid(self) -> int | None:
+        """The scheduler's process id when it runs apart from this process, else None."""
+        return None
+
+    @property
+    def address(self) -> str:
+        core = self._core
+        return core.address if core.address is not None else core.server.address
+
+    def statistics(self) -> ExecutorStatistics:
+        core = self._core
+        stats = dict(core.stats)
+        server = core.server
+        if server is not None:
+            sched_sent, sched_recv = server.bytes_sent, server.bytes_received
+        else:
+            sched_sent = sched_recv = -1
+        return ExecutorStatistics(
+            submitted=stats["submitted"],
+            finished=stats["finished"],
+            pending=len(core.pending),
+            workers=len(server.state.workers) if server is not None else -1,
+            client_bytes_sent=stats["client_bytes_sent"],
+            client_bytes_received=stats["client_bytes_received"],
+            scheduler_bytes_sent=sched_sent,
+            scheduler_bytes_received=sched_recv,
+        )
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        where = self._core.address or "local cluster"
+        return f"<meshpool.Executor {where}{' (shut down)' if self._shutdown else ''}>"
+
+    # --- submitting --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                "this meshpool.Executor was created in another process and inherited through "
+                "fork(); create a new Executor in this process"
+            )
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        broken = self._core.broken
+        if broken is not None:
+            if isinstance(broken, cf.BrokenExecutor):
+                raise type(broken)(*broken.args)
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def _new_key(self, fn: Any) -> str:
+        name = getattr(fn, "__name__", None) or type(fn).__name__
+        return f"{name}-{self._core.prefix}-{next(self._core.counter)}"
+
+    def _prepare(
+        self, fn: Callable, args: tuple, kwargs: dict, options: dict | None, key: Any = None
+    ) -> tuple[Future, tuple, list]:
+        """Serialize one call: (future, task row, frames). Raises here on bad input."""
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        fn_bytes = self._functions.dumps(fn)
+        deps = _find_futures(args, kwargs)
+        for dep in deps:
+            if dep._client is not self._core:
+                raise ValueError(f"{dep!r} belongs to another executor")
+        frames = serialize.dumps(
+            (args, kwargs), ref_type=Future if deps else None, what=f"argument of {fn!r}:"
+        )
+        key = key if key is not None else self._new_key(fn)
+        dep_keys = [d.key for d in deps]
+        priority = (-(options or {}).get("priority", 0), next(self._core.counter), 0)
+        task_options = _task_options(options)
+        if serialize.nbytes(frames) > LARGE_ARGUMENTS:
+            args_key = ("args", key)
+            self._store([args_key], [frames], None)
+            dep_keys.append(args_key)
+            task_options = dict(task_options or {}, args_key=args_key)
+            frames = []
+        fut = Future(key, self._core)
+        row = (key, dep_keys, 1 + len(frames), priority, task_options)
+        return fut, row, [fn_bytes, *frames]
+
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict, options: dict | None) -> Future:
+        with self._shutdown_lock:
+            self._check_open()
+            fut, row, frames = self._prepare(fn, args, kwargs, options)
+            self._core.command("submit", [row], frames, [fut])
+            if row[4] and "args_key" in row[4]:
+                self._core.command("release", row[4]["args_key"])
+        return fut
+
+    def _submit_many(
+        self, fn: Callable, arg_tuples: Iterable[tuple], options: dict | None
+    ) -> list[Future]:
+        futures: list[Future] = []
+        rows: list = []
+        frames: list = []
+        batch: list[Future] = []
+        with self._shutdown_lock:
+            self._check_open()
+            for args in arg_tuples:
+                fut, row, task_frames = self._prepare(fn, args, {}, options)
+                rows.append(row)
+                frames.extend(task_frames)
+                batch.append(fut)
+                if len(rows) >= SUBMIT_BATCH:
+                    self._core.command("submit", rows, frames, batch)
+                    futures.extend(batch)
+                    rows, frames, batch = [], [], []
+            if rows:
+                self._core.command("submit", rows, frames, batch)
+                futures.extend(batch)
+        return futures
+
+    def _map(
+        self,
+        fn: Callable,
+        iterables: tuple,
+        timeout: float | None,
+        chunksize: int,
+        options: dict | None,
+    ) -> Iterator[Any]:
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        if chunksize == 1:
+            fs = self._submit_many(fn, zip(*iterables), options)
+            return _result_iterator(fs, end_time, self._core)
+        chunks = _chunks(iterables, chunksize)
+        fs = self._submit_many(_run_chunk, ((fn, chunk) for chunk in chunks), options)
+        return itertools.chain.from_iterable(_result_iterator(fs, end_time, self._core))
+
+    # --- data --------------------------------------------------------------------------------
+
+    def _scatter(self, items: list, workers: list[str] | None) -> list[Future]:
+        with self._shutdown_lock:
+            self._check_open()
+            keys = [f"data-{self._core.prefix}-{next(self._core.counter)}" for _ in items]
+            frames = [serialize.dumps(item, what="scattered object") for item in items]
+            futures = [Future(key, self._core) for key in keys]
+            self._store(keys, frames, workers, futures)
+        return futures
+
+    def _store(
+        self,
+        keys: list,
+        frames_per_key: list[list],
+        names: list[str] | None,
+        futures: list[Future] | None = None,
+    ) -> None:
+        """Send data straight to workers' data sockets, round robin among ``names`` (or all)."""
+        targets = self._live_workers(names)
+        by_worker: dict[str, tuple[list, list, list]] = {}
+        for key, frames in zip(keys, frames_per_key):
+            ws = targets[next(self._scatter_turn) % len(targets)]
+            items, out, rows = by_worker.setdefault(ws["address"], ([], [], []))
+            items.append((key, len(frames)))
+            out.extend(frames)
+            rows.append((key, ws["id"]))
+        if futures is not None:
+            self._core.command("call", lambda core: core.pending.update({f.key: f for f in futures}))
+        for address, (items, out, rows) in by_worker.items():
+            self._core.command("store", address, items, out, rows)
+
+    def _live_workers(self, names: list[str] | None) -> list[dict]:
+        deadline = time.monotonic() + self._core.timeout
+        while True:
+            workers = self.workers()
+            if names:
+                workers = [w for w in workers if w["name"] in names or w["id"] in names]
+            if workers:
+                return workers
+            if time.monotonic() > deadline:
+                raise errors.CommError(
+                    f"no {'matching ' if names else ''}worker joined within "
+                    f"{self._core.timeout:g} s to receive data"
+                )
+            time.sleep(0.01)
+
+
+class ExecutorOptions:
+    """``Executor.options(...)``: ``submit`` and ``map`` with task options applied."""
+
+    def __init__(self, executor: Executor, options: dict) -> None:
+        self._executor = executor
+        self._options = options
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        return self._executor._submit(fn, args, kwargs, self._options)
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[Any]:
+        return self._executor._map(fn, iterables, timeout, chunksize, self._options)
+
+    def options(self, **options: Any) -> ExecutorOptions:
+        return ExecutorOptions(self._executor, {**self._options, **_check_options(options)})
+
+
+_OPTION_NAMES = {"priority", "retries", "workers", "resources", "at_most_once"}
+
+
+def _check_options(options: dict) -> dict:
+    unknown = set(options) - _OPTION_NAMES
+    if unknown:
+        raise TypeError(f"unknown task options {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
+    if "workers" in options and isinstance(options["workers"], str):
+        options["workers"] = [options["workers"]]
+    return options
+
+
+def _task_options(options: dict | None) -> dict | None:
+    if not options:
+        return None
+    out = {k: v for k, v in options.items() if k != "priority" and v not in (None, 0, False)}
+    if "workers" in out:
+        out["workers"] = list(out["workers"])
+    return out or None
+
+
+def _find_futures(args: tuple, kwargs: dict) -> list[Future]:
+    """Meshpool futures anywhere in builtin containers inside the arguments."""
+    found: list[Future] = []
+    seen: set[int] = set()
+    stack: list = [args]
+    if kwargs:
+        stack.append(kwargs)
+    while stack:
+        obj = stack.pop()
+        typ = type(obj)
+        if typ in _ATOMIC:
+            continue
+        if isinstance(obj, Future):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                found.append(obj)
+        elif typ in (list, tuple, set, frozenset):
+            stack.extend(x for x in obj if type(x) not in _ATOMIC)
+        elif typ is dict:
+            stack.extend(v for v in obj.values() if type(v) not in _ATOMIC)
+    return found
+
+
+def _chunks(iterables: tuple, chunksize: int) -> Iterator[tuple]:
+    it = zip(*iterables)
+    while True:
+        chunk = tuple(itertools.islice(it, chunksize))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _run_chunk(fn: Callable, chunk: tuple) -> list:
+    return [fn(*args) for args in chunk]
+
+
+def _result_iterator(fs: list[Future], end_time: float | None, core: ClientCore) -> Iterator[Any]:
+    """Yield results in order; on error, timeout or close, cancel what has not started."""
+    try:
+        fs.reverse()
+        while fs:
+            fut = fs[-1]
+            if end_time is None:
+                yield fut.result()
+            else:
+                yield fut.result(end_time - time.monotonic())
+            fs.pop()
+    finally:
+        leftover = [f for f in fs if not f.done()]
+        if leftover:
+            core.cancel(leftover, 5.0)
+
+
+def _is_remote(fut: Future) -> bool:
+    from .future import Remote
+
+    return fut.done() and not fut.cancelled() and type(fut._result) is Remote
+
+
+def _packed(frames: list) -> Any:
+    from .future import Packed
+
+    return Packed(frames)
+
+
+def _security(value: Any) -> Security | None:
+    if value is None or isinstance(value, Security):
+        return value
+    return Security.from_directory(value)
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 1e12, "tb": 1e12})
+
+
+def _parse_size(value: int | str | None) -> int | None:
+    """``"2GB"`` / ``"512MiB"`` / ``1e9`` -> bytes."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else int(value)
+    text = value.strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(number) :]
+    if unit not in _UNITS or not number:
+        raise ValueError(f"cannot read {value!r} as a size (e.g. '2GB', '512MiB')")
+    return int(float(number) * _UNITS[unit])
+
+
+# --- the current executor -----------------------------------------------------------------
+
+_recent: list[weakref.ref] = []
+
+
+def _register_current(executor: Executor) -> None:
+    _recent.append(weakref.ref(executor))
+    del _recent[:-16]

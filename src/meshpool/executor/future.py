@@ -1,0 +1,189 @@
+"""``meshpool.Future``: a real ``concurrent.futures.Future`` for a task on the cluster.
+
+It subclasses the stdlib's Future and is completed through ``set_result`` / ``set_exception`` /
+``set_running_or_notify_cancel``, so the stdlib's ``wait`` and ``as_completed``,
+``asyncio.wrap_future`` and ``loop.run_in_executor`` see it like any other.
+
+Results arrive *packed*: the I/O thread stores the result's frames (small results ride with the
+completion message) or a marker that the value stays on a worker (large results). ``result()``
+unpacks in the caller's thread — the I/O thread never runs user unpickling code — fetching from the
+worker first when needed; ``await fut`` fetches without blocking the event loop.
+
+Done-callbacks run on a callback thread, never on the I/O thread (DESIGN.md rule 7). Dropping the
+last reference to a future releases its key on the cluster (its finalizer only enqueues); it never
+cancels the task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from concurrent.futures import _base
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SerializationError
+from ..transport import serialize
+
+if TYPE_CHECKING:
+    from .client import ClientCore
+
+CANCEL_TIMEOUT = 5.0  # seconds cancel() waits for the scheduler (and a worker) to answer
+
+
+class Packed:
+    """A result's frames, unpickled on first use in the caller's thread."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list) -> None:
+        self.frames = frames
+
+
+class Remote:
+    """A result held by workers, fetched on first use."""
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+class Future(_base.Future):
+    """The future of a task running on a meshpool cluster.
+
+    ``key`` names the task on the cluster. Besides the stdlib's methods it is awaitable.
+    """
+
+    def __init__(self, key: Any, client: ClientCore) -> None:
+        super().__init__()
+        self.key = key
+        self._client = client
+
+    def __repr__(self) -> str:
+        with self._condition:
+            state = self._state
+        return f"<meshpool.Future {self.key!r} {state.lower()}>"
+
+    def __del__(self) -> None:
+        client = self.__dict__.get("_client")
+        if client is not None:
+            client.release_soon(self.key)
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a meshpool.Future can be passed as an argument of submit() on its own executor "
+            "(it becomes a dependency), but not pickled elsewhere"
+        )
+
+    # --- results -----------------------------------------------------------------------------
+
+    def result(self, timeout: float | None = None) -> Any:
+        value = super().result(timeout)
+        if type(value) is Packed:
+            value = self._unpack(value.frames)
+        elif type(value) is Remote:
+            value = self._unpack(self._client.fetch(self.key, timeout))
+        return value
+
+    def _unpack(self, frames: list) -> Any:
+        try:
+            value = serialize.loads(frames)
+        except Exception as exc:
+            raise SerializationError(
+                f"the result of task {self.key!r} could not be unpickled here: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self._result = value
+        return value
+
+    def __await__(self) -> Any:
+        return self._await().__await__()
+
+    async def _await(self) -> Any:
+        if not self.done():
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+
+            def wake(_: Any) -> None:
+                loop.call_soon_threadsafe(_set_done, waiter)
+
+            self.add_done_callback(wake)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                await asyncio.to_thread(self.cancel)
+                raise
+        value = super().result(0)
+        if type(value) is Packed:
+            return self._unpack(value.frames)
+        if type(value) is Remote:
+            frames = await asyncio.wrap_future(self._client.fetch_async(self.key))
+            return self._unpack(frames)
+        return value
+
+    # --- cancellation ------------------------------------------------------------------------
+
+    def cancel(self) -> bool:
+        """Cancel the task if no worker has started it; True if it is now cancelled."""
+        with self._condition:
+            if self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED):
+                return True
+            if self._state == _base.FINISHED:
+                return False
+        cancelled = self._client.cancel([self], CANCEL_TIMEOUT)
+        return self.key in cancelled or self.cancelled()
+
+    def _mark_cancelled(self) -> None:
+        """Cancelled on the cluster: make stdlib waiters see it at once."""
+        if _base.Future.cancel(self):
+            with self._condition:
+                if self._state == _base.CANCELLED:
+                    self.set_running_or_notify_cancel()
+
+    # --- callbacks off the I/O thread --------------------------------------------------------
+
+    def _invoke_callbacks(self) -> None:
+        if self._done_callbacks:
+            _callbacks().put(self)
+
+    def _run_callbacks(self) -> None:
+        _base.Future._invoke_callbacks(self)
+
+    # --- graph pictures ----------------------------------------------------------------------
+
+    def __meshpool_graph__(self) -> dict:
+        return self._client.graph_of([self.key])
+
+
+def _set_done(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+_callback_queue: queue.SimpleQueue | None = None
+_callback_lock = threading.Lock()
+
+
+def _callbacks() -> queue.SimpleQueue:
+    """The process's callback queue, served by one daemon thread (started on first use)."""
+    global _callback_queue
+    if _callback_queue is None:
+        with _callback_lock:
+            if _callback_queue is None:
+                q: queue.SimpleQueue = queue.SimpleQueue()
+                threading.Thread(
+                    target=_run_callbacks, args=(q,), name="meshpool-callbacks", daemon=True
+                ).start()
+                _callback_queue = q
+    return _callback_queue
+
+
+def _run_callbacks(q: queue.SimpleQueue) -> None:
+    while True:
+        fut = q.get()
+        try:
+            fut._run_callbacks()
+        except Exception:  # the stdlib already logs each callback's exception
+            pass
+        del fut

@@ -1,0 +1,131 @@
+"""``as_completed`` and ``wait`` over any futures (meshpool's or the stdlib's).
+
+``as_completed`` here is the stdlib's plus two things: futures can be ``add``-ed while iterating,
+and it supports ``async for`` (which never blocks the event loop). Duplicates are yielded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent import futures as cf
+from typing import Any
+
+FIRST_COMPLETED = cf.FIRST_COMPLETED
+FIRST_EXCEPTION = cf.FIRST_EXCEPTION
+ALL_COMPLETED = cf.ALL_COMPLETED
+
+
+def wait(
+    fs: Iterable[cf.Future], timeout: float | None = None, return_when: str = ALL_COMPLETED
+) -> cf._base.DoneAndNotDoneFutures:
+    """The stdlib's ``concurrent.futures.wait``; meshpool futures are real stdlib futures."""
+    return cf.wait(fs, timeout=timeout, return_when=return_when)
+
+
+class as_completed(Iterator[cf.Future], AsyncIterator[cf.Future]):  # noqa: N801 - stdlib name
+    """Iterate over futures as they finish; ``add()`` more while iterating."""
+
+    def __init__(self, fs: Iterable[cf.Future] = (), timeout: float | None = None) -> None:
+        self._lock = threading.Lock()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._added: set[int] = set()
+        self._outstanding = 0
+        self._total = 0
+        self._timeout = timeout
+        self._end: float | None = None
+        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
+        for fut in fs:
+            self.add(fut)
+
+    def add(self, fut: cf.Future) -> None:
+        with self._lock:
+            if id(fut) in self._added:
+                return
+            self._added.add(id(fut))
+            self._outstanding += 1
+            self._total += 1
+        fut.add_done_callback(self._on_done)
+
+    def update(self, fs: Iterable[cf.Future]) -> None:
+        for fut in fs:
+            self.add(fut)
+
+    def count(self) -> int:
+        """Futures not yet yielded."""
+        return self._outstanding
+
+    def _on_done(self, fut: cf.Future) -> None:
+        with self._lock:
+            target = self._async
+        if target is None:
+            self._done.put(fut)
+        else:
+            loop, aqueue = target
+            try:
+                loop.call_soon_threadsafe(aqueue.put_nowait, fut)
+            except RuntimeError:  # loop closed
+                self._done.put(fut)
+
+    # --- sync --------------------------------------------------------------------------------
+
+    def __iter__(self) -> as_completed:
+        if self._timeout is not None and self._end is None:
+            self._end = time.monotonic() + self._timeout
+        return self
+
+    def __next__(self) -> cf.Future:
+        if self._outstanding <= 0:
+            raise StopIteration
+        remaining = None if self._end is None else self._end - time.monotonic()
+        try:
+            if remaining is not None and remaining <= 0:
+                fut = self._done.get_nowait()
+            else:
+                fut = self._done.get(timeout=remaining)
+        except queue.Empty:
+            raise TimeoutError(
+                f"{self._outstanding} (of {self._total}) futures unfinished"
+            ) from None
+        self._outstanding -= 1
+        return fut
+
+    # --- async -------------------------------------------------------------------------------
+
+    def __aiter__(self) -> as_completed:
+        loop = asyncio.get_running_loop()
+        aqueue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            while True:
+                try:
+                    aqueue.put_nowait(self._done.get_nowait())
+                except queue.Empty:
+                    break
+            self._async = (loop, aqueue)
+        if self._timeout is not None and self._end is None:
+            self._end = time.monotonic() + self._timeout
+        return self
+
+    async def __anext__(self) -> cf.Future:
+        if self._outstanding <= 0:
+            raise StopAsyncIteration
+        assert self._async is not None, "use `async for` (which calls __aiter__) first"
+        remaining = None if self._end is None else max(0.0, self._end - time.monotonic())
+        try:
+            fut = await asyncio.wait_for(self._async[1].get(), remaining)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"{self._outstanding} (of {self._total}) futures unfinished"
+            ) from None
+        self._outstanding -= 1
+        return fut
+
+    def __repr__(self) -> str:
+        return f"<meshpool.as_completed {self._outstanding} of {self._total} outstanding>"
+
+
+def _noop(*_: Any) -> None:
+    pass

@@ -1,0 +1,433 @@
+"""Dict task graphs in the dask tuple format: what a key, a task and a reference are.
+
+Theory of operation
+-------------------
+A graph is a ``Mapping[key, computation]``. A *key* is a ``str``, ``bytes``, ``int``, ``float``
+or a tuple of those. A *computation* is read by one rule, applied recursively (it is the rule of
+``dask.core`` as ``dask.get`` runs it today, via ``dask._task_spec.convert_legacy_task``):
+
+1. a **task** -- a non-empty ``tuple`` whose first element is callable -- means "call it":
+   ``(func, *args)`` evaluates every arg and returns ``func(*args)``;
+2. a **reference** -- an ``int``/``float``/``str``/``bytes``/``tuple`` that is a key of the graph
+   -- means "the value of that key" (``bool`` counts as ``int``, as in dask: ``True`` refers to
+   the key ``1`` if there is one);
+3. a ``list``, non-task ``tuple``, ``set`` or ``frozenset`` is rebuilt, same type, from its
+   evaluated items (so ``[k1, k2]`` is the list of both values; a namedtuple stays one);
+4. anything else -- ``dict`` included -- is a literal and stands for itself. Wrap a value that
+   would otherwise be read by rules 1-3 as ``quote(value)``, a task returning it unchanged.
+
+Rule 2 is tried before rule 3, so a tuple key is a reference, not a container. The same rule
+finds a computation's dependencies (:func:`get_dependencies`), evaluates it
+(:func:`execute_task`) and swaps references for other objects (:func:`substitute_keys`), so the
+three never disagree. Deliberate differences from ``dask.core``: ``bytes`` keys are allowed, and
+a reference inside a ``dict`` is not a dependency (dask lists it but never substitutes it).
+
+Everything that walks a whole graph (:func:`get_deps`, :func:`toposort`) is iterative, so a
+300,000-task chain needs no recursion; only one computation's nesting recurses, and that is
+shallow. :func:`toposort` names the cycle it finds in a :class:`CycleError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from functools import partial
+from typing import Any, TypeAlias
+
+Key: TypeAlias = Hashable
+"""A graph key: ``str``, ``bytes``, ``int``, ``float`` or a tuple of those."""
+
+Graph: TypeAlias = Mapping[Hashable, Any]
+"""A dict graph: key -> computation (task tuple, reference, container or literal)."""
+
+_KEY_TYPES = (str, bytes, int, float)
+_REF_TYPES = (int, float, str, bytes, tuple)  # what may *refer* to a key (rule 2)
+_CONTAINERS = (list, tuple, set, frozenset)  # rebuilt from evaluated items (rule 3)
+_NO_TASK = object()
+
+
+class CycleError(ValueError):
+    """The graph is not a DAG. ``cycle`` lists the keys, first == last, each depending on the next.
+
+    >>> str(CycleError(['a', 'b', 'a']))
+    "cycle in graph: 'a' -> 'b' -> 'a'"
+    """
+
+    def __init__(self, cycle: Sequence[Key]) -> None:
+        self.cycle = list(cycle)
+        super().__init__("cycle in graph: " + " -> ".join(repr(k) for k in self.cycle))
+
+
+class Literal:
+    """A callable returning a fixed value: ``(Literal(x),)`` is a task whose value is ``x``.
+
+    >>> Literal((len, 'abc'))()
+    (<built-in function len>, 'abc')
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __call__(self) -> Any:
+        return self.data
+
+    def __repr__(self) -> str:
+        return f"Literal<{type(self.data).__name__}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Literal, (self.data,))
+
+
+def quote(x: Any) -> Any:
+    """Protect a value that the graph rules would otherwise interpret (tasks, containers, keys).
+
+    >>> quote((len, 'abc'))
+    (Literal<tuple>,)
+    >>> quote(3)
+    3
+    >>> execute_task(quote(['a']), {'a': 1})
+    ['a']
+    """
+    if isinstance(x, (*_CONTAINERS, str, bytes)):
+        return (Literal(x),)
+    return x
+
+
+def apply(func: Callable[..., Any], args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+    """Call ``func(*args, **kwargs)``: the head of tasks that need keyword arguments.
+
+    >>> execute_task((apply, divmod, ['a', 3], (dict, [])), {'a': 7})
+    (2, 1)
+    >>> apply(int, ['10'], {'base': 2})
+    2
+    """
+    return func(*args, **(kwargs or {}))
+
+
+def istask(x: Any) -> bool:
+    """Is ``x`` a runnable task: a non-empty tuple with a callable first element?
+
+    >>> istask((len, 'abc'))
+    True
+    >>> istask(('x', 1)), istask([len, 'abc']), istask(())
+    (False, False, False)
+    """
+    return type(x) is tuple and bool(x) and callable(x[0])
+
+
+def iskey(x: Any) -> bool:
+    """Could ``x`` be a key: ``str``, ``bytes``, ``int``, ``float`` or a tuple of those?
+
+    >>> iskey('x'), iskey(('x', 0)), iskey(b'k'), iskey(1.5)
+    (True, True, True, True)
+    >>> iskey(['x']), iskey(('x', [0])), iskey(None)
+    (False, False, False)
+    """
+    typ = type(x)
+    if typ is tuple:
+        return all(iskey(i) for i in x)
+    return typ in _KEY_TYPES
+
+
+def _is_ref(x: Any, keys: Any) -> bool:
+    """Rule 2: is ``x`` a reference to one of ``keys`` (a container supporting ``in``)?"""
+    if isinstance(x, _REF_TYPES):
+        try:
+            return x in keys
+        except TypeError:  # a tuple holding something unhashable
+            return False
+    return False
+
+
+def _iter_refs(comp: Any, keys: Any) -> Iterator[Key]:
+    """Yield the references in ``comp``, left to right, duplicates included (iterative)."""
+    stack = [comp]
+    while stack:
+        x = stack.pop()
+        if type(x) is tuple and x and callable(x[0]):
+            stack.extend(reversed(x[1:]))
+        elif _is_ref(x, keys):
+            yield x
+        elif isinstance(x, _CONTAINERS):
+            stack.extend(reversed(list(x)))
+
+
+def get_dependencies(
+    dsk: Graph,
+    key: Key | None = None,
+    task: Any = _NO_TASK,
+    as_list: bool = False,
+) -> Any:
+    """The keys that ``dsk[key]`` (or the computation ``task``) refers to directly.
+
+    Returns a set, or with ``as_list`` a list in order of first appearance without repeats.
+
+    >>> inc = lambda x: x + 1
+    >>> add = lambda x, y: x + y
+    >>> dsk = {'x': 1, 'y': (inc, 'x'), 'z': (add, 'x', 'y'), 'w': (inc, 'z'),
+    ...        'a': (add, (inc, 'x'), 1), 'l': ['w', ('a', 'nokey')]}
+    >>> get_dependencies(dsk, 'x')
+    set()
+    >>> get_dependencies(dsk, 'w')  # only direct dependencies
+    {'z'}
+    >>> get_dependencies(dsk, 'z', as_list=True)
+    ['x', 'y']
+    >>> get_dependencies(dsk, 'l', as_list=True)  # inside lists and plain tuples too
+    ['w', 'a']
+    >>> get_dependencies(dsk, task=(inc, 'x'))
+    {'x'}
+    """
+    if key is not None:
+        comp = dsk[key]
+    elif task is not _NO_TASK:
+        comp = task
+    else:
+        raise ValueError("provide either key or task")
+    if as_list:
+        return list(dict.fromkeys(_iter_refs(comp, dsk)))
+    return set(_iter_refs(comp, dsk))
+
+
+def reverse_dict(d: Mapping[Key, Iterable[Key]]) -> dict[Key, set[Key]]:
+    """Invert a dependency mapping: every key (and every value) maps to the keys that list it.
+
+    >>> reverse_dict({'a': [], 'b': ['a'], 'c': ['a', 'b']}) == {'a': {'b', 'c'}, 'b': {'c'}, 'c': set()}
+    True
+    """
+    result: dict[Key, set[Key]] = {k: set() for k in d}
+    for k, vals in d.items():
+        for v in vals:
+            if v in result:
+                result[v].add(k)
+            else:
+                result[v] = {k}
+    return result
+
+
+def get_deps(dsk: Graph) -> tuple[dict[Key, set[Key]], dict[Key, set[Key]]]:
+    """Dependencies and dependents of every key, computed once.
+
+    >>> inc = lambda x: x + 1
+    >>> dependencies, dependents = get_deps({'a': 1, 'b': (inc, 'a'), 'c': (inc, 'b')})
+    >>> dependencies
+    {'a': set(), 'b': {'a'}, 'c': {'b'}}
+    >>> dependents
+    {'a': {'b'}, 'b': {'c'}, 'c': set()}
+    """
+    dependencies = {k: set(_iter_refs(v, dsk)) for k, v in dsk.items()}
+    return dependencies, reverse_dict(dependencies)
+
+
+def _dfs_postorder(
+    roots: Iterable[Key],
+    dependencies: Mapping[Key, Iterable[Key]],
+) -> list[Key]:
+    """Keys reachable from ``roots``, each after all its dependencies; raise on a cycle."""
+    ordered: list[Key] = []
+    done: set[Key] = set()
+    on_path: set[Key] = set()
+    for root in roots:
+        if root in done:
+            continue
+        on_path.add(root)
+        stack: list[tuple[Key, Iterator[Key]]] = [(root, iter(dependencies.get(root, ())))]
+        while stack:
+            node, deps = stack[-1]
+            for dep in deps:
+                if dep in done:
+                    continue
+                if dep in on_path:
+                    path = [k for k, _ in stack]
+                    raise CycleError([*path[path.index(dep) :], dep])
+                on_path.add(dep)
+                stack.append((dep, iter(dependencies.get(dep, ()))))
+                break
+            else:
+                stack.pop()
+                on_path.discard(node)
+                done.add(node)
+                ordered.append(node)
+    return ordered
+
+
+def toposort(dsk: Graph, dependencies: Mapping[Key, Iterable[Key]] | None = None) -> list[Key]:
+    """All keys of ``dsk``, each after its dependencies (depth-first, iterative).
+
+    Raises :class:`CycleError` naming the cycle if there is one.
+
+    >>> inc = lambda x: x + 1
+    >>> toposort({'c': (inc, 'b'), 'b': (inc, 'a'), 'a': 1})
+    ['a', 'b', 'c']
+    >>> toposort({'a': (inc, 'b'), 'b': (inc, 'a')})
+    Traceback (most recent call last):
+    ...
+    meshpool.graph.core.CycleError: cycle in graph: 'a' -> 'b' -> 'a'
+    """
+    if dependencies is None:
+        dependencies, _ = get_deps(dsk)
+    return _dfs_postorder(dsk, dependencies)
+
+
+def find_cycle(dsk: Graph, dependencies: Mapping[Key, Iterable[Key]] | None = None) -> list[Key]:
+    """A cycle in ``dsk`` as ``[k0, k1, ..., k0]`` (each depends on the next), or ``[]``.
+
+    >>> inc = lambda x: x + 1
+    >>> find_cycle({'x': (inc, 'z'), 'y': (inc, 'x'), 'z': (inc, 'y')})
+    ['x', 'z', 'y', 'x']
+    >>> find_cycle({'x': 1, 'y': (inc, 'x')})
+    []
+    """
+    try:
+        toposort(dsk, dependencies)
+    except CycleError as e:
+        return e.cycle
+    return []
+
+
+def flatten(seq: Any, container: type | tuple[type, ...] = list) -> Iterator[Any]:
+    """Flatten nested lists (not tuples: a tuple is a key). A string is one item.
+
+    >>> list(flatten([[1, 2], [[3], 4]]))
+    [1, 2, 3, 4]
+    >>> list(flatten([('x', 0), ['y']]))
+    [('x', 0), 'y']
+    """
+    if isinstance(seq, str):
+        yield seq
+        return
+    for item in seq:
+        if isinstance(item, container):
+            yield from flatten(item, container)
+        else:
+            yield item
+
+
+def validate_keys(dsk: Graph, keys: Any) -> None:
+    """Raise ``KeyError`` naming the first of ``keys`` (a key or nested list) not in ``dsk``.
+
+    >>> validate_keys({'a': 1}, ['a', ['a']])
+    >>> validate_keys({'a': 1}, ['a', ('x', 1)])
+    Traceback (most recent call last):
+    ...
+    KeyError: "('x', 1) is not a key in the graph"
+    """
+    for k in flatten([keys]):
+        try:
+            present = k in dsk
+        except TypeError:  # unhashable
+            present = False
+        if not present:
+            raise KeyError(f"{k!r} is not a key in the graph")
+
+
+def execute_task(comp: Any, cache: Mapping[Key, Any]) -> Any:
+    """Evaluate a computation, given the values of the keys it refers to in ``cache``.
+
+    >>> inc = lambda x: x + 1
+    >>> execute_task((inc, 'x'), {'x': 1})
+    2
+    >>> execute_task((sum, ['x', (inc, 'x'), 10]), {'x': 1})
+    13
+    >>> execute_task(('x', {'x': 'y'}, {'x'}), {'x': 1})  # a plain tuple; dicts are literals
+    (1, {'x': 'y'}, {1})
+    >>> execute_task('y', {'x': 1})  # not a key in cache: a literal string
+    'y'
+    """
+    typ = type(comp)
+    if typ is tuple and comp and callable(comp[0]):
+        return comp[0](*[execute_task(a, cache) for a in comp[1:]])
+    if _is_ref(comp, cache):
+        return cache[comp]
+    if isinstance(comp, _CONTAINERS):
+        items = [execute_task(a, cache) for a in comp]
+        if typ is list:
+            return items
+        if isinstance(comp, tuple) and hasattr(comp, "_fields"):  # namedtuple
+            return typ(*items)
+        return typ(items)
+    return comp
+
+
+def run_task(comp: Any, keys: Sequence[Key], *values: Any) -> Any:
+    """Evaluate ``comp`` where ``keys[i]`` has the value ``values[i]``: the call a worker makes.
+
+    Meant for ``submit(run_task, comp, deps, *futures_of_deps)`` with
+    ``deps = get_dependencies(dsk, key, as_list=True)``: the futures are plain top-level
+    arguments, and values stay values (one that looks like a task is not run again).
+
+    >>> run_task((divmod, 'a', 'b'), ['a', 'b'], 7, 2)
+    (3, 1)
+    >>> run_task((list, 'a'), ['a'], (len, 'xyz'))  # the value is not interpreted
+    [<built-in function len>, 'xyz']
+    """
+    return execute_task(comp, dict(zip(keys, values)))
+
+
+def substitute_keys(comp: Any, mapping: Mapping[Key, Any]) -> Any:
+    """Replace every reference to a key of ``mapping`` in ``comp`` by ``mapping[key]``.
+
+    The inserted objects are not looked into. Structure is kept: tasks stay tasks, containers
+    are rebuilt with their type, literals (and dicts) are returned as they are.
+
+    >>> inc = lambda x: x + 1
+    >>> t = substitute_keys((inc, ['x', ('x', 'y')], {'x': 0}), {'x': 'X!', 'y': ['y']})
+    >>> t[1:]
+    (['X!', ('X!', ['y'])], {'x': 0})
+    """
+    typ = type(comp)
+    if typ is tuple and comp and callable(comp[0]):
+        return (comp[0], *[substitute_keys(a, mapping) for a in comp[1:]])
+    if _is_ref(comp, mapping):
+        return mapping[comp]
+    if isinstance(comp, _CONTAINERS):
+        items = [substitute_keys(a, mapping) for a in comp]
+        if typ is list:
+            return items
+        if isinstance(comp, tuple) and hasattr(comp, "_fields"):
+            return typ(*items)
+        return typ(items)
+    return comp
+
+
+def subs(task: Any, key: Key, val: Any) -> Any:
+    """Substitute one key: ``substitute_keys(task, {key: val})``.
+
+    >>> def inc(x):
+    ...     return x + 1
+    >>> subs((inc, 'x'), 'x', 1)  # doctest: +ELLIPSIS
+    (<function inc at ...>, 1)
+    """
+    return substitute_keys(task, {key: val})
+
+
+def funcname(func: Any) -> str:
+    """A short, readable name for a callable (for labels and generated keys).
+
+    >>> funcname(len), funcname(lambda: 0), funcname(partial(int, base=2))
+    ('len', 'lambda', 'int')
+    """
+    while isinstance(func, partial):
+        func = func.func
+    name = getattr(func, "__name__", None)
+    if not isinstance(name, str):
+        name = type(func).__name__
+    if name == "<lambda>":
+        return "lambda"
+    return name[:50]
+
+
+def task_label(comp: Any) -> str | None:
+    """The function name a task is drawn with, or ``None`` for a non-task.
+
+    Looks through :func:`apply` to the function it calls.
+
+    >>> task_label((apply, divmod, [7, 2])), task_label((len, 'x')), task_label([1])
+    ('divmod', 'len', None)
+    """
+    if not istask(comp):
+        return None
+    func = comp[0]
+    if func is apply and len(comp) > 1 and callable(comp[1]):
+        func = comp[1]
+    return funcname(func)

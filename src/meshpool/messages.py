@@ -1,0 +1,373 @@
+"""The messages scheduler, workers and clients exchange, and their one codec.
+
+Every message is a small slotted dataclass. On the wire it is a multipart zmq message::
+
+    [header, *frames]      header = dumps_header((op, field1, field2, ...))
+
+where the header holds the builtin-typed fields and ``frames`` (when the class has them) are the
+opaque payload: pickled functions, arguments, results, exceptions. The scheduler routes payload
+frames without ever unpickling them (DESIGN.md rule 2). ``decode`` checks the operation name and
+the arity, so a malformed message fails as :class:`MalformedMessage` before any handler sees it.
+
+A task's *spec* frames are ``[function, arguments pickle, *argument buffers]``.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from .transport.header import MalformedMessage, dumps_header, loads_header
+
+Key = Any  # str, or a tuple of builtins (dask-style keys)
+
+_REGISTRY: dict[str, type] = {}
+
+
+def _message(cls: type) -> type:
+    cls = dataclass(slots=True)(cls)
+    names = [f.name for f in fields(cls) if f.name != "frames"]
+    cls._header_fields = tuple(names)  # type: ignore[attr-defined]
+    cls._getter = operator.attrgetter(*names) if names else None  # type: ignore[attr-defined]
+    cls._has_frames = any(f.name == "frames" for f in fields(cls))  # type: ignore[attr-defined]
+    _REGISTRY[cls.op] = cls  # type: ignore[attr-defined]
+    return cls
+
+
+def encode(msg: Any) -> list:
+    cls = type(msg)
+    getter = cls._getter
+    if getter is None:
+        header: tuple = (cls.op,)
+    elif len(cls._header_fields) == 1:
+        header = (cls.op, getter(msg))
+    else:
+        header = (cls.op, *getter(msg))
+    if cls._has_frames:
+        return [dumps_header(header), *msg.frames]
+    return [dumps_header(header)]
+
+
+def decode(frames: list) -> Any:
+    header = loads_header(frames[0])
+    cls = _REGISTRY.get(header[0])
+    if cls is None:
+        raise MalformedMessage(f"unknown operation {header[0]!r}")
+    if len(header) - 1 != len(cls._header_fields):
+        raise MalformedMessage(f"{header[0]}: expected {len(cls._header_fields)} fields")
+    if cls._has_frames:
+        return cls(*header[1:], frames=frames[1:])
+    if len(frames) != 1:
+        raise MalformedMessage(f"{header[0]}: unexpected payload frames")
+    return cls(*header[1:])
+
+
+# --- client -> scheduler ----------------------------------------------------------------------
+
+
+@_message
+class HelloClient:
+    op: ClassVar[str] = "hello-client"
+    client_id: str
+    versions: dict
+
+
+@_message
+class SubmitTasks:
+    """Tasks to run. ``tasks`` rows: (key, dependency keys, frame count, priority, options)."""
+
+    op: ClassVar[str] = "submit"
+    tasks: list
+    frames: list = field(default_factory=list)
+
+
+@_message
+class ReleaseKeys:
+    op: ClassVar[str] = "release"
+    keys: list
+
+
+@_message
+class CancelKeys:
+    op: ClassVar[str] = "cancel"
+    request_id: int
+    keys: list
+
+
+@_message
+class WhoHas:
+    op: ClassVar[str] = "who-has"
+    request_id: int
+    keys: list
+
+
+@_message
+class SetInitializer:
+    op: ClassVar[str] = "initializer"
+    frames: list = field(default_factory=list)
+
+
+@_message
+class Scatter:
+    """Data a client has sent straight to workers' data sockets: rows (key, worker id)."""
+
+    op: ClassVar[str] = "scatter"
+    items: list
+
+
+@_message
+class ClientClosing:
+    op: ClassVar[str] = "client-closing"
+
+
+@_message
+class Ping:
+    op: ClassVar[str] = "ping"
+    request_id: int
+
+
+@_message
+class GetWorkers:
+    op: ClassVar[str] = "get-workers"
+    request_id: int
+
+
+@_message
+class RetireWorkers:
+    op: ClassVar[str] = "retire-workers"
+    request_id: int
+    names: list
+
+
+# --- scheduler -> client ----------------------------------------------------------------------
+
+
+@_message
+class TaskDone:
+    """A finished task. ``frames`` hold the pickled result when it is small enough to ride."""
+
+    op: ClassVar[str] = "done"
+    key: Key
+    nbytes: int
+    has_value: bool
+    frames: list = field(default_factory=list)
+
+
+@_message
+class TaskErred:
+    op: ClassVar[str] = "erred"
+    key: Key
+    frames: list = field(default_factory=list)
+
+
+@_message
+class TasksCancelled:
+    op: ClassVar[str] = "cancelled"
+    keys: list
+
+
+@_message
+class CancelReply:
+    op: ClassVar[str] = "cancel-reply"
+    request_id: int
+    cancelled: list  # keys that were cancelled
+
+
+@_message
+class WhoHasReply:
+    op: ClassVar[str] = "who-has-reply"
+    request_id: int
+    locations: dict  # key -> list of data addresses
+
+
+@_message
+class Reply:
+    """A generic answer to a request carrying builtins (pong, worker lists...)."""
+
+    op: ClassVar[str] = "reply"
+    request_id: int
+    value: Any
+
+
+@_message
+class ClusterBroken:
+    op: ClassVar[str] = "broken"
+    kind: str  # "initializer" | "worker-start" | "scheduler"
+    reason: str
+    frames: list = field(default_factory=list)
+
+
+# --- scheduler -> worker ----------------------------------------------------------------------
+
+
+@_message
+class Compute:
+    """Run a task. ``dependencies`` rows: (key, [data addresses holding it])."""
+
+    op: ClassVar[str] = "compute"
+    key: Key
+    priority: Any
+    dependencies: list
+    options: Any
+    frames: list = field(default_factory=list)
+
+
+@_message
+class FreeKeys:
+    op: ClassVar[str] = "free"
+    keys: list
+
+
+@_message
+class CancelCompute:
+    op: ClassVar[str] = "cancel-compute"
+    request_id: int
+    key: Key
+
+
+@_message
+class RunInitializer:
+    op: ClassVar[str] = "run-initializer"
+    frames: list = field(default_factory=list)
+
+
+@_message
+class StoreData:
+    """Data to hold (scattered by a client). Rows: (key, frame count)."""
+
+    op: ClassVar[str] = "store"
+    items: list
+    frames: list = field(default_factory=list)
+
+
+@_message
+class CloseWorker:
+    op: ClassVar[str] = "close"
+    reason: str
+
+
+# --- worker -> scheduler ----------------------------------------------------------------------
+
+
+@_message
+class RegisterWorker:
+    op: ClassVar[str] = "register"
+    worker_id: str
+    name: str
+    data_address: str
+    nthreads: int
+    memory_limit: int
+    resources: dict
+    versions: dict
+    pid: int
+
+
+@_message
+class ComputeDone:
+    op: ClassVar[str] = "compute-done"
+    key: Key
+    nbytes: int
+    has_value: bool
+    duration: float
+    frames: list = field(default_factory=list)
+
+
+@_message
+class ComputeErred:
+    op: ClassVar[str] = "compute-erred"
+    key: Key
+    duration: float
+    frames: list = field(default_factory=list)
+
+
+@_message
+class MissingData:
+    """A dependency could not be fetched from where the scheduler said it was."""
+
+    op: ClassVar[str] = "missing-data"
+    key: Key
+    dependency: Key
+    address: str
+
+
+@_message
+class CancelComputeReply:
+    op: ClassVar[str] = "cancel-compute-reply"
+    request_id: int
+    key: Key
+    removed: bool
+
+
+@_message
+class InitializerErred:
+    op: ClassVar[str] = "initializer-erred"
+    frames: list = field(default_factory=list)
+
+
+@_message
+class AddKeys:
+    """The worker now holds these keys (data a client stored on it). Rows: (key, nbytes)."""
+
+    op: ClassVar[str] = "add-keys"
+    items: list
+
+
+@_message
+class TaskStarted:
+    """The worker began executing these keys (so a death while running them is blamed on them)."""
+
+    op: ClassVar[str] = "started"
+    keys: list
+
+
+@_message
+class Heartbeat:
+    op: ClassVar[str] = "heartbeat"
+    executing: int
+    memory: int
+
+
+# --- data sockets (worker <-> worker, client -> worker) ----------------------------------------
+
+
+@_message
+class GetData:
+    op: ClassVar[str] = "get-data"
+    request_id: int
+    keys: list
+
+
+@_message
+class Data:
+    """Values for a GetData. Rows: (key, frame count), frame count -1 for a key not held."""
+
+    op: ClassVar[str] = "data"
+    request_id: int
+    items: list
+    frames: list = field(default_factory=list)
+
+
+def versions() -> dict:
+    import sys
+
+    import cloudpickle
+
+    from ._version import __version__
+
+    return {
+        "meshpool": __version__,
+        "python": "%d.%d" % sys.version_info[:2],
+        "cloudpickle": cloudpickle.__version__,
+    }
+
+
+def version_mismatch(ours: dict, theirs: Any) -> str | None:
+    """A message naming both sides' versions if by-value code could break between them."""
+    if not isinstance(theirs, dict):
+        return "peer sent no version information"
+    bad = [k for k in ("meshpool", "python", "cloudpickle") if theirs.get(k) != ours.get(k)]
+    if not bad:
+        return None
+    pairs = ", ".join(f"{k} {ours.get(k)} here vs {theirs.get(k)} there" for k in bad)
+    return f"version mismatch: {pairs}"

@@ -1,0 +1,210 @@
+"""The scheduler's shell: one ROUTER socket, the state machine, and liveness.
+
+``SchedulerServer`` receives, calls :class:`SchedulerState`, and sends; it holds no scheduling
+logic. It runs either inside a client's I/O thread (the local cluster: messages for that client are
+handed over in-process by ``deliver_local``, without encoding) or behind its own loop in a
+``meshpool scheduler`` process (:func:`serve_forever`).
+
+Peers are told apart by their zmq identity: a worker's is its worker id, a client's its client id.
+Liveness: every :data:`PING_INTERVAL` the server pings each peer. Because the ROUTER socket is
+``ROUTER_MANDATORY``, a ping to a peer whose connection has dropped fails at once
+(EHOSTUNREACH): that peer is gone. Silence alone only marks a worker unresponsive.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .. import messages as m
+from ..transport.header import MalformedMessage
+from ..transport.security import Security
+from ..transport.sockets import bind, make_socket
+from .state import SchedulerState
+
+logger = logging.getLogger("meshpool.scheduler")
+
+PING_INTERVAL = 0.5  # seconds between liveness pings to every peer
+UNRESPONSIVE_AFTER = 60.0  # a worker silent this long is reported unresponsive (not dead)
+MAX_BATCH = 2000  # messages handled per readiness event before others get a turn
+
+
+class SchedulerServer:
+    def __init__(
+        self,
+        address: str,
+        *,
+        security: Security | None = None,
+        local_client: str | None = None,
+        deliver_local: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.state = SchedulerState()
+        self.router = make_socket(zmq.ROUTER)
+        if security is not None and address.startswith("tcp://"):
+            security.server(self.router)
+        self.address = bind(self.router, address)
+        self.local_client = local_client
+        self.deliver_local = deliver_local
+        self._last_ping = 0.0
+        self._last_seen: dict[str, float] = {}
+        self._kind: dict[str, str] = {}  # peer id -> "worker" | "client"
+        self._unresponsive: set[str] = set()
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.on_worker_removed: Callable[[str, str], None] | None = None
+        self.on_worker_added: Callable[[str], None] | None = None
+
+    def close(self) -> None:
+        self.router.close(linger=0)
+
+    # --- in-process client -------------------------------------------------------------------
+
+    def handle_local(self, msg: Any) -> None:
+        assert self.local_client is not None
+        self._send_all(self.state.handle_client(self.local_client, msg))
+
+    def remove_worker(self, worker_id: str, reason: str) -> None:
+        self._kind.pop(worker_id, None)
+        self._last_seen.pop(worker_id, None)
+        self._send_all(self.state.remove_worker(worker_id, reason))
+        if self.on_worker_removed is not None:
+            self.on_worker_removed(worker_id, reason)
+
+    # --- socket ------------------------------------------------------------------------------
+
+    def handle_router(self) -> None:
+        now = time.monotonic()
+        for _ in range(MAX_BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue
+            self.bytes_received += sum(len(f) for f in frames)
+            identity = frames[0]
+            try:
+                peer = identity.decode()
+                msg = m.decode(frames[1:])
+            except (MalformedMessage, UnicodeDecodeError) as exc:
+                logger.warning("dropping malformed message: %s", exc)
+                continue
+            self._last_seen[peer] = now
+            try:
+                self._dispatch(peer, msg)
+            except Exception:
+                logger.exception("error handling %s from %s; dropped", type(msg).__name__, peer)
+
+    def _dispatch(self, peer: str, msg: Any) -> None:
+        kind = self._kind.get(peer)
+        if isinstance(msg, m.RegisterWorker):
+            problem = m.version_mismatch(m.versions(), msg.versions)
+            if problem is not None or msg.worker_id != peer:
+                problem = problem or "worker id does not match its connection"
+                logger.error("refusing worker %s: %s", msg.name, problem)
+                self._send(peer, m.CloseWorker(f"refused by the scheduler: {problem}"))
+                return
+            self._kind[peer] = "worker"
+            self._send_all(self.state.handle_worker(peer, msg))
+            if self.on_worker_added is not None:
+                self.on_worker_added(peer)
+        elif isinstance(msg, m.HelloClient):
+            problem = m.version_mismatch(m.versions(), msg.versions)
+            if problem is not None:
+                self._send(peer, m.ClusterBroken("version", f"scheduler refused: {problem}"))
+                return
+            self._kind[peer] = "client"
+            self._send(peer, m.Reply(0, {"versions": m.versions()}))
+        elif kind == "worker":
+            self._unresponsive.discard(peer)
+            self._send_all(self.state.handle_worker(peer, msg))
+        elif kind == "client":
+            if isinstance(msg, m.ClientClosing):
+                self._kind.pop(peer, None)
+                self._send_all(self.state.remove_client(peer))
+            else:
+                self._send_all(self.state.handle_client(peer, msg))
+        elif isinstance(msg, m.Heartbeat):
+            pass  # a worker we dropped, still beating: it will re-register or be refused
+        else:
+            logger.warning("dropping %s from unregistered peer %r", type(msg).__name__, peer)
+
+    def _send_all(self, out: list) -> None:
+        for peer, msg in out:
+            if peer == self.local_client:
+                if self.deliver_local is not None:
+                    self.deliver_local(msg)
+            else:
+                self._send(peer, msg)
+
+    def _send(self, peer: str, msg: Any) -> bool:
+        frames = m.encode(msg)
+        try:
+            self.router.send_multipart([peer.encode(), *frames], copy=False)
+        except zmq.ZMQError as exc:
+            self._peer_gone(peer, f"unreachable ({exc.strerror})")
+            return False
+        self.bytes_sent += sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames)
+        return True
+
+    def _peer_gone(self, peer: str, reason: str) -> None:
+        kind = self._kind.pop(peer, None)
+        self._last_seen.pop(peer, None)
+        if kind == "worker":
+            self._send_all(self.state.remove_worker(peer, reason))
+            if self.on_worker_removed is not None:
+                self.on_worker_removed(peer, reason)
+        elif kind == "client":
+            self._send_all(self.state.remove_client(peer))
+
+    def on_tick(self, now: float) -> None:
+        if now - self._last_ping < PING_INTERVAL:
+            return
+        self._last_ping = now
+        for peer in list(self._kind):
+            self._send(peer, m.Reply(-1, "ping"))
+        for peer, seen in list(self._last_seen.items()):
+            if (
+                self._kind.get(peer) == "worker"
+                and now - seen > UNRESPONSIVE_AFTER
+                and peer not in self._unresponsive
+            ):
+                self._unresponsive.add(peer)
+                logger.warning("worker %s unresponsive for %.0f s", peer, now - seen)
+
+
+def serve_forever(
+    address: str,
+    *,
+    security: Security | None = None,
+    ready: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run a standalone scheduler until SIGINT/SIGTERM (or ``stop`` is set)."""
+    server = SchedulerServer(address, security=security)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    if ready is not None:
+        ready(server.address)
+    poller = zmq.Poller()
+    poller.register(server.router, zmq.POLLIN)
+    try:
+        while not stop.is_set():
+            if poller.poll(100):
+                server.handle_router()
+            server.on_tick(time.monotonic())
+    finally:
+        for peer, kind in list(server._kind.items()):
+            if kind == "worker":
+                server._send(peer, m.CloseWorker("scheduler stopping"))
+            else:
+                server._send(peer, m.ClusterBroken("scheduler", "the scheduler stopped"))
+        server.close()

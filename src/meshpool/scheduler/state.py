@@ -1,0 +1,798 @@
+"""The scheduler's state machine: messages in, messages out, no I/O.
+
+Theory of operation
+-------------------
+The scheduler holds the task graph: one :class:`TaskState` per key a client has submitted (or
+scattered) and not yet forgotten, and one :class:`WorkerState` per connected worker. Every input is
+a message from a client or a worker, or an event from the shell (a worker connection lost); every
+output is a list of ``(peer id, message)`` pairs for the shell to send. The state machine never
+unpickles a payload: task specs, results and errors are opaque frames it stores or forwards.
+
+A task's life::
+
+    waiting ──(inputs in memory)──▶ ready ──(a worker has room)──▶ processing ──▶ memory
+       │                              │                               │     └──▶ erred
+       └──────────── cancelled ◀──────┴──── (the worker had not started it)
+    memory / erred / cancelled ──(no client wants it, no pending task needs it)──▶ forgotten
+
+Placement: a ready task goes to the worker, among those with room, where it can start earliest:
+queued work (tasks per thread times the mean task duration) plus the bytes of its inputs that
+worker lacks over an assumed bandwidth. Workers hold a few tasks beyond their threads (a prefetch
+queue sized so that it covers about :data:`PREFETCH_SECONDS` of work), which hides the round trip
+for small tasks without piling long tasks onto one worker.
+
+References: a task is kept while a client wants it (``wanted_by``) or a pending task needs it
+(``waiters``). Dropping a future releases the key but never cancels the task; the result is
+forgotten once it is done. A result lost with its worker is recomputed from its spec when it is
+still needed; scattered data has no spec and fails with DataLost.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from .. import messages as m
+
+logger = logging.getLogger("meshpool.scheduler")
+
+Outgoing = list  # list[tuple[peer_id, message]]
+
+BANDWIDTH = 500e6  # bytes/s assumed between workers, to weigh moving inputs against queueing
+PREFETCH_SECONDS = 0.002  # a worker's queue beyond its threads covers about this much work
+MAX_PREFETCH_PER_THREAD = 32  # ...but never more tasks than this per thread
+DEFAULT_DURATION = 0.0005  # mean task duration assumed before any has been measured
+DURATION_WEIGHT = 0.1  # weight of the newest duration in the moving average
+KILLED_WORKER_LIMIT = 3  # a task running on this many dying workers is a poison task
+
+WAITING, READY, PROCESSING, MEMORY, ERRED, CANCELLED, NO_WORKER = (
+    "waiting",
+    "ready",
+    "processing",
+    "memory",
+    "erred",
+    "cancelled",
+    "no-worker",
+)
+_FINISHED = (MEMORY, ERRED, CANCELLED)
+
+
+class InvalidTransition(RuntimeError):
+    """The state machine was asked for a move its rules do not allow (a bug, not bad input)."""
+
+
+class TaskState:
+    __slots__ = (
+        "key",
+        "state",
+        "spec",
+        "dependencies",
+        "dependents",
+        "waiting_on",
+        "waiters",
+        "who_has",
+        "processing_on",
+        "priority",
+        "nbytes",
+        "wanted_by",
+        "options",
+        "error",
+        "retries_left",
+        "suspicious",
+        "executing",
+        "restrictions",
+    )
+
+    def __init__(self, key: Any, spec: list | None, priority: Any, options: dict | None) -> None:
+        self.key = key
+        self.state = WAITING
+        self.spec = spec  # opaque frames; None for scattered data (no lineage)
+        self.dependencies: tuple[TaskState, ...] = ()
+        self.dependents: set[TaskState] = set()
+        self.waiting_on: set[TaskState] = set()  # dependencies not yet in memory
+        self.waiters: set[TaskState] = set()  # dependents not yet finished
+        self.who_has: set[WorkerState] = set()
+        self.processing_on: WorkerState | None = None
+        self.priority = priority
+        self.nbytes = 0
+        self.wanted_by: set[str] = set()
+        self.options = options
+        self.error: list | None = None
+        self.retries_left = (options or {}).get("retries", 0) or 0
+        self.suspicious = 0
+        self.executing = False
+        self.restrictions = _restrictions(options)
+
+    def __repr__(self) -> str:
+        return f"<TaskState {self.key!r} {self.state}>"
+
+
+def _restrictions(options: dict | None) -> tuple | None:
+    if not options:
+        return None
+    workers = options.get("workers")
+    resources = options.get("resources")
+    if not workers and not resources:
+        return None
+    return (frozenset(workers) if workers else None, dict(resources) if resources else None)
+
+
+class WorkerState:
+    __slots__ = (
+        "id",
+        "name",
+        "address",
+        "nthreads",
+        "memory_limit",
+        "resources",
+        "used_resources",
+        "processing",
+        "has_what",
+        "nbytes",
+        "pid",
+        "versions",
+    )
+
+    def __init__(self, msg: m.RegisterWorker) -> None:
+        self.id = msg.worker_id
+        self.name = msg.name
+        self.address = msg.data_address
+        self.nthreads = max(1, int(msg.nthreads))
+        self.memory_limit = msg.memory_limit
+        self.resources = dict(msg.resources or {})
+        self.used_resources: dict[str, float] = {}
+        self.processing: set[TaskState] = set()
+        self.has_what: set[TaskState] = set()
+        self.nbytes = 0
+        self.pid = msg.pid
+        self.versions = msg.versions
+
+    def __repr__(self) -> str:
+        return f"<WorkerState {self.name} {len(self.processing)} processing>"
+
+    def info(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "address": self.address,
+            "nthreads": self.nthreads,
+            "memory_limit": self.memory_limit,
+            "resources": dict(self.resources),
+            "processing": len(self.processing),
+            "executing": sum(1 for ts in self.processing if ts.executing),
+            "keys": len(self.has_what),
+            "nbytes": self.nbytes,
+            "pid": self.pid,
+        }
+
+
+class SchedulerState:
+    """All the scheduler knows. ``handle_client``/``handle_worker`` take messages and return
+    what to send; ``remove_worker``/``remove_client`` take connection losses."""
+
+    def __init__(self, killed_worker_limit: int = KILLED_WORKER_LIMIT) -> None:
+        self.tasks: dict[Any, TaskState] = {}
+        self.workers: dict[str, WorkerState] = {}
+        self.clients: set[str] = set()
+        self.initializers: list[list] = []  # frames of each client's initializer, replayed
+        self.killed_worker_limit = killed_worker_limit
+        self._ready: list = []  # heap of (priority, seq, TaskState); stale entries skipped
+        self._seq = 0
+        self._no_worker: set[TaskState] = set()
+        self._mean_duration = DEFAULT_DURATION
+        self._cancel_requests: dict[tuple[str, int], tuple[set, list]] = {}
+        self._out: Outgoing = []
+        self._client_handlers = {
+            m.SubmitTasks: self._client_submit,
+            m.ReleaseKeys: self._client_release,
+            m.CancelKeys: self._client_cancel,
+            m.WhoHas: self._client_who_has,
+            m.SetInitializer: self._client_initializer,
+            m.Scatter: self._client_scatter,
+            m.GetWorkers: self._client_get_workers,
+            m.Ping: self._client_ping,
+            m.RetireWorkers: self._client_retire,
+        }
+        self._worker_handlers = {
+            m.ComputeDone: self._worker_done,
+            m.ComputeErred: self._worker_erred,
+            m.MissingData: self._worker_missing_data,
+            m.CancelComputeReply: self._worker_cancel_reply,
+            m.InitializerErred: self._worker_initializer_erred,
+            m.AddKeys: self._worker_add_keys,
+            m.TaskStarted: self._worker_started,
+            m.Heartbeat: self._worker_heartbeat,
+        }
+
+    # --- entry points ------------------------------------------------------------------------
+
+    def handle_client(self, client_id: str, msg: Any) -> Outgoing:
+        self.clients.add(client_id)
+        handler = self._client_handlers.get(type(msg))
+        if handler is None:
+            logger.warning("dropping unexpected %s from client %s", type(msg).__name__, client_id)
+            return []
+        handler(client_id, msg)
+        return self._flush()
+
+    def handle_worker(self, worker_id: str, msg: Any) -> Outgoing:
+        if isinstance(msg, m.RegisterWorker):
+            self._add_worker(msg)
+            return self._flush()
+        ws = self.workers.get(worker_id)
+        if ws is None:
+            logger.warning("dropping %s from unknown worker %s", type(msg).__name__, worker_id)
+            return []
+        handler = self._worker_handlers.get(type(msg))
+        if handler is None:
+            logger.warning("dropping unexpected %s from worker %s", type(msg).__name__, ws.name)
+            return []
+        handler(ws, msg)
+        return self._flush()
+
+    def remove_worker(self, worker_id: str, reason: str = "connection lost") -> Outgoing:
+        ws = self.workers.pop(worker_id, None)
+        if ws is None:
+            return []
+        logger.info("worker %s removed: %s", ws.name, reason)
+        for ts in list(ws.has_what):
+            ts.who_has.discard(ws)
+            if not ts.who_has and ts.state == MEMORY:
+                self._data_lost(ts, ws)
+        ws.has_what.clear()
+        for ts in sorted(ws.processing, key=lambda t: t.priority):
+            ts.processing_on = None
+            if ts.state != PROCESSING:
+                continue
+            if ts.executing:
+                ts.suspicious += 1
+                ts.executing = False
+                if ts.suspicious >= self.killed_worker_limit:
+                    self._fail_killed(ts, ws)
+                    continue
+                if (ts.options or {}).get("at_most_once"):
+                    self._fail_worker_lost(ts, ws)
+                    continue
+            self._make_ready_or_wait(ts)
+        ws.processing.clear()
+        for (client_id, req), (pending, _done) in list(self._cancel_requests.items()):
+            for ts in [t for t in pending if t.processing_on is None]:
+                pending.discard(ts)
+            self._maybe_finish_cancel(client_id, req)
+        self._dispatch()
+        return self._flush()
+
+    def remove_client(self, client_id: str) -> Outgoing:
+        self.clients.discard(client_id)
+        for ts in [ts for ts in self.tasks.values() if client_id in ts.wanted_by]:
+            ts.wanted_by.discard(client_id)
+            self._maybe_forget(ts)
+        return self._flush()
+
+    # --- clients -----------------------------------------------------------------------------
+
+    def _client_submit(self, client_id: str, msg: m.SubmitTasks) -> None:
+        frames = msg.frames
+        offset = 0
+        new: list[TaskState] = []
+        for key, dep_keys, nframes, priority, options in msg.tasks:
+            spec = frames[offset : offset + nframes]
+            offset += nframes
+            ts = self.tasks.get(key)
+            if ts is not None:  # resubmitted key (dask graphs may share keys): keep the first
+                ts.wanted_by.add(client_id)
+                if ts.state in _FINISHED:
+                    self._report(ts, client_id)
+                continue
+            ts = TaskState(key, spec, priority, options)
+            ts.wanted_by.add(client_id)
+            deps = []
+            for dk in dep_keys:
+                dts = self.tasks.get(dk)
+                if dts is None:
+                    ts.state = ERRED
+                    ts.error = _missing_dependency_error(key, dk)
+                    self.tasks[key] = ts
+                    self._out.append((client_id, m.TaskErred(key, ts.error)))
+                    break
+                deps.append(dts)
+            else:
+                self.tasks[key] = ts
+                ts.dependencies = tuple(deps)
+                new.append(ts)
+        for ts in new:
+            self._link_new_task(ts)
+        self._dispatch()
+
+    def _link_new_task(self, ts: TaskState) -> None:
+        failed = None
+        for dts in ts.dependencies:
+            dts.dependents.add(ts)
+            if dts.state == ERRED or dts.state == CANCELLED:
+                failed = dts
+            elif dts.state != MEMORY:
+                ts.waiting_on.add(dts)
+            dts.waiters.add(ts)
+        if failed is not None:
+            if failed.state == ERRED:
+                self._fail(ts, failed.error)
+            else:
+                self._cancel(ts)
+            return
+        if not ts.waiting_on:
+            self._push_ready(ts)
+
+    def _client_release(self, client_id: str, msg: m.ReleaseKeys) -> None:
+        for key in msg.keys:
+            ts = self.tasks.get(key)
+            if ts is not None:
+                ts.wanted_by.discard(client_id)
+                self._maybe_forget(ts)
+
+    def _client_cancel(self, client_id: str, msg: m.CancelKeys) -> None:
+        pending: set[TaskState] = set()
+        done: list = []
+        for key in msg.keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                continue
+            if ts.state in (WAITING, READY, NO_WORKER):
+                done.extend(t.key for t in self._cancel(ts))
+            elif ts.state == PROCESSING and ts.processing_on is not None:
+                pending.add(ts)
+                self._send(ts.processing_on.id, m.CancelCompute(msg.request_id, ts.key))
+        self._cancel_requests[(client_id, msg.request_id)] = (pending, done)
+        self._maybe_finish_cancel(client_id, msg.request_id)
+
+    def _maybe_finish_cancel(self, client_id: str, request_id: int) -> None:
+        pending, done = self._cancel_requests[(client_id, request_id)]
+        if not pending:
+            del self._cancel_requests[(client_id, request_id)]
+            self._out.append((client_id, m.CancelReply(request_id, done)))
+
+    def _client_who_has(self, client_id: str, msg: m.WhoHas) -> None:
+        locations = {}
+        for key in msg.keys:
+            ts = self.tasks.get(key)
+            locations[key] = [ws.address for ws in ts.who_has] if ts is not None else []
+        self._out.append((client_id, m.WhoHasReply(msg.request_id, locations)))
+
+    def _client_initializer(self, client_id: str, msg: m.SetInitializer) -> None:
+        self.initializers.append(msg.frames)
+        for ws in self.workers.values():
+            self._send(ws.id, m.RunInitializer(msg.frames))
+
+    def _client_scatter(self, client_id: str, msg: m.Scatter) -> None:
+        """The client sent data straight to workers; the keys wait for the workers' AddKeys."""
+        for key, _worker_id in msg.items:
+            ts = self.tasks.get(key)
+            if ts is None:
+                ts = TaskState(key, None, (0,), None)
+                self.tasks[key] = ts
+            ts.wanted_by.add(client_id)
+            if ts.state == MEMORY:
+                self._report(ts, client_id)
+
+    def _client_get_workers(self, client_id: str, msg: m.GetWorkers) -> None:
+        info = [ws.info() for ws in self.workers.values()]
+        self._out.append((client_id, m.Reply(msg.request_id, info)))
+
+    def _client_ping(self, client_id: str, msg: m.Ping) -> None:
+        self._out.append((client_id, m.Reply(msg.request_id, "pong")))
+
+    def _client_retire(self, client_id: str, msg: m.RetireWorkers) -> None:
+        names = set(msg.names)
+        retired = [ws.name for ws in self.workers.values() if ws.name in names or ws.id in names]
+        for ws in list(self.workers.values()):
+            if ws.name in retired:
+                self._send(ws.id, m.CloseWorker("retired by a client"))
+        self._out.append((client_id, m.Reply(msg.request_id, retired)))
+
+    # --- workers -----------------------------------------------------------------------------
+
+    def _add_worker(self, msg: m.RegisterWorker) -> None:
+        if msg.worker_id in self.workers:
+            self.remove_worker(msg.worker_id, "re-registered")
+        ws = WorkerState(msg)
+        self.workers[ws.id] = ws
+        logger.info("worker %s joined (%d threads, %s)", ws.name, ws.nthreads, ws.address)
+        for frames in self.initializers:
+            self._send(ws.id, m.RunInitializer(frames))
+        for ts in list(self._no_worker):
+            if self._fits(ts, ws):
+                self._no_worker.discard(ts)
+                self._push_ready(ts)
+        self._dispatch()
+
+    def _worker_done(self, ws: WorkerState, msg: m.ComputeDone) -> None:
+        ts = self.tasks.get(msg.key)
+        if ts is None or ts.state != PROCESSING or ts.processing_on is not ws:
+            # stale: cancelled, rescheduled or forgotten meanwhile
+            if ts is not None and ts.state == MEMORY:
+                self._add_replica(ts, ws, msg.nbytes)
+            else:
+                self._send(ws.id, m.FreeKeys([msg.key]))
+            return
+        self._mean_duration += DURATION_WEIGHT * (msg.duration - self._mean_duration)
+        self._release_slot(ts, ws)
+        ts.state = MEMORY
+        ts.executing = False
+        ts.nbytes = msg.nbytes
+        ts.who_has.add(ws)
+        ws.has_what.add(ts)
+        ws.nbytes += msg.nbytes
+        for client_id in ts.wanted_by:
+            self._out.append((client_id, m.TaskDone(ts.key, ts.nbytes, msg.has_value, msg.frames)))
+        for dep in ts.dependents:
+            dep.waiting_on.discard(ts)
+            if not dep.waiting_on and dep.state == WAITING:
+                self._push_ready(dep)
+        self._finish_dependencies(ts)
+        self._maybe_forget(ts)
+        self._dispatch()
+
+    def _worker_erred(self, ws: WorkerState, msg: m.ComputeErred) -> None:
+        ts = self.tasks.get(msg.key)
+        if ts is None or ts.state != PROCESSING or ts.processing_on is not ws:
+            return
+        self._release_slot(ts, ws)
+        ts.executing = False
+        if ts.retries_left > 0:
+            ts.retries_left -= 1
+            self._push_ready(ts)
+        else:
+            self._fail(ts, msg.frames)
+        self._dispatch()
+
+    def _worker_missing_data(self, ws: WorkerState, msg: m.MissingData) -> None:
+        ts = self.tasks.get(msg.key)
+        dts = self.tasks.get(msg.dependency)
+        if dts is not None:
+            for holder in [w for w in dts.who_has if w.address == msg.address]:
+                dts.who_has.discard(holder)
+                holder.has_what.discard(dts)
+            if not dts.who_has and dts.state == MEMORY:
+                self._data_lost(dts, None)
+        if ts is not None and ts.state == PROCESSING and ts.processing_on is ws:
+            self._release_slot(ts, ws)
+            self._make_ready_or_wait(ts)
+        self._dispatch()
+
+    def _worker_cancel_reply(self, ws: WorkerState, msg: m.CancelComputeReply) -> None:
+        ts = self.tasks.get(msg.key)
+        entry = None
+        for (client_id, req), value in self._cancel_requests.items():
+            if req == msg.request_id and ts in value[0]:
+                entry = (client_id, req, value)
+                break
+        if ts is not None and msg.removed and ts.state == PROCESSING and ts.processing_on is ws:
+            self._release_slot(ts, ws)
+            cancelled = self._cancel(ts)
+            if entry is not None:
+                entry[2][1].extend(t.key for t in cancelled)
+        if entry is not None:
+            entry[2][0].discard(ts)
+            self._maybe_finish_cancel(entry[0], entry[1])
+        self._dispatch()
+
+    def _worker_initializer_erred(self, ws: WorkerState, msg: m.InitializerErred) -> None:
+        for client_id in self.clients:
+            self._out.append(
+                (
+                    client_id,
+                    m.ClusterBroken("initializer", f"initializer failed on {ws.name}", msg.frames),
+                )
+            )
+
+    def _worker_add_keys(self, ws: WorkerState, msg: m.AddKeys) -> None:
+        for key, nbytes in msg.items:
+            ts = self.tasks.get(key)
+            if ts is None:  # released before it landed
+                self._send(ws.id, m.FreeKeys([key]))
+                continue
+            if ts.state == MEMORY:
+                self._add_replica(ts, ws, nbytes)
+                continue
+            if ts.state != WAITING or ts.spec is not None:
+                self._send(ws.id, m.FreeKeys([key]))
+                continue
+            ts.state = MEMORY
+            ts.nbytes = nbytes
+            ts.who_has.add(ws)
+            ws.has_what.add(ts)
+            ws.nbytes += nbytes
+            for client_id in ts.wanted_by:
+                self._out.append((client_id, m.TaskDone(key, nbytes, False, [])))
+            for dep in ts.dependents:
+                dep.waiting_on.discard(ts)
+                if not dep.waiting_on and dep.state == WAITING:
+                    self._push_ready(dep)
+            self._maybe_forget(ts)
+        self._dispatch()
+
+    def _worker_started(self, ws: WorkerState, msg: m.TaskStarted) -> None:
+        for key in msg.keys:
+            ts = self.tasks.get(key)
+            if ts is not None and ts.processing_on is ws:
+                ts.executing = True
+
+    def _worker_heartbeat(self, ws: WorkerState, msg: m.Heartbeat) -> None:
+        pass  # any traffic counts as liveness; the shell tracks it
+
+    # --- transitions -------------------------------------------------------------------------
+
+    def _push_ready(self, ts: TaskState) -> None:
+        ts.state = READY
+        self._seq += 1
+        heapq.heappush(self._ready, (ts.priority, self._seq, ts))
+
+    def _make_ready_or_wait(self, ts: TaskState) -> None:
+        """Put a task back to be scheduled, first recomputing inputs that were lost."""
+        ts.state = WAITING
+        ts.waiting_on = {d for d in ts.dependencies if d.state != MEMORY}
+        for dts in ts.waiting_on:
+            if dts.state not in (WAITING, READY, PROCESSING, NO_WORKER):
+                self._data_lost(dts, None)
+        if ts.state == WAITING and not ts.waiting_on:
+            self._push_ready(ts)
+
+    def _data_lost(self, ts: TaskState, ws: WorkerState | None) -> None:
+        """A result has no holder left: recompute it if anything still needs it."""
+        needed = ts.wanted_by or ts.waiters
+        if not needed:
+            self._forget(ts)
+            return
+        if ts.spec is None:
+            where = f" on {ws.name}" if ws is not None else ""
+            self._fail(
+                ts,
+                _error_frames(
+                    "DataLost",
+                    f"{ts.key!r} lived only{where}, which is gone, and has no lineage "
+                    "(scattered data) to recompute it from",
+                ),
+            )
+            return
+        self._make_ready_or_wait(ts)
+
+    def _release_slot(self, ts: TaskState, ws: WorkerState) -> None:
+        ws.processing.discard(ts)
+        ts.processing_on = None
+        resources = ts.restrictions[1] if ts.restrictions else None
+        if resources:
+            for name, amount in resources.items():
+                ws.used_resources[name] = ws.used_resources.get(name, 0) - amount
+
+    def _finish_dependencies(self, ts: TaskState) -> None:
+        for dts in ts.dependencies:
+            dts.waiters.discard(ts)
+            self._maybe_forget(dts)
+
+    def _fail(self, ts: TaskState, error: list | None) -> None:
+        """Fail ``ts`` and every pending task downstream with the same error."""
+        stack = [ts]
+        while stack:
+            t = stack.pop()
+            if t.state in _FINISHED:
+                continue
+            if t.processing_on is not None:
+                self._release_slot(t, t.processing_on)
+            t.state = ERRED
+            t.error = error
+            self._no_worker.discard(t)
+            for client_id in t.wanted_by:
+                self._out.append((client_id, m.TaskErred(t.key, error or [])))
+            stack.extend(t.dependents)
+            self._finish_dependencies(t)
+            self._maybe_forget(t)
+
+    def _fail_killed(self, ts: TaskState, ws: WorkerState) -> None:
+        self._fail(
+            ts,
+            _error_frames(
+                "KilledWorker",
+                (ts.key, ts.suspicious, ws.name),
+            ),
+        )
+
+    def _fail_worker_lost(self, ts: TaskState, ws: WorkerState) -> None:
+        self._fail(
+            ts,
+            _error_frames(
+                "WorkerLost",
+                f"worker {ws.name} died while running at-most-once task {ts.key!r}; "
+                "it is not re-run",
+            ),
+        )
+
+    def _cancel(self, ts: TaskState) -> list[TaskState]:
+        """Cancel a task that has not started and every pending task downstream."""
+        cancelled = []
+        stack = [ts]
+        while stack:
+            t = stack.pop()
+            if t.state in _FINISHED:
+                continue
+            if t.processing_on is not None and t is not ts:
+                # a dependent already on a worker: it cannot run without its input anyway
+                self._send(t.processing_on.id, m.FreeKeys([t.key]))
+                self._release_slot(t, t.processing_on)
+            t.state = CANCELLED
+            self._no_worker.discard(t)
+            cancelled.append(t)
+            stack.extend(t.dependents)
+        for t in cancelled:
+            wanted = [c for c in t.wanted_by]
+            for client_id in wanted:
+                self._out.append((client_id, m.TasksCancelled([t.key])))
+            self._finish_dependencies(t)
+            self._maybe_forget(t)
+        return cancelled
+
+    def _maybe_forget(self, ts: TaskState) -> None:
+        if ts.state in _FINISHED and not ts.wanted_by and not ts.waiters:
+            self._forget(ts)
+
+    def _forget(self, ts: TaskState) -> None:
+        if self.tasks.get(ts.key) is not ts:
+            return
+        del self.tasks[ts.key]
+        for ws in ts.who_has:
+            ws.has_what.discard(ts)
+            ws.nbytes -= ts.nbytes
+            self._send(ws.id, m.FreeKeys([ts.key]))
+        ts.who_has.clear()
+        for dts in ts.dependencies:
+            dts.dependents.discard(ts)
+            dts.waiters.discard(ts)
+            self._maybe_forget(dts)
+        ts.spec = None
+        ts.dependencies = ()
+
+    def _add_replica(self, ts: TaskState, ws: WorkerState, nbytes: int) -> None:
+        if ws not in ts.who_has:
+            ts.who_has.add(ws)
+            ws.has_what.add(ts)
+            ws.nbytes += nbytes
+
+    def _report(self, ts: TaskState, client_id: str) -> None:
+        if ts.state == MEMORY:
+            self._out.append((client_id, m.TaskDone(ts.key, ts.nbytes, False, [])))
+        elif ts.state == ERRED:
+            self._out.append((client_id, m.TaskErred(ts.key, ts.error or [])))
+        elif ts.state == CANCELLED:
+            self._out.append((client_id, m.TasksCancelled([ts.key])))
+
+    # --- placement ---------------------------------------------------------------------------
+
+    def capacity(self, ws: WorkerState) -> int:
+        """Tasks a worker may hold: its threads plus a prefetch queue covering a little work."""
+        per_thread = PREFETCH_SECONDS / max(self._mean_duration, 1e-6)
+        prefetch = max(1, min(MAX_PREFETCH_PER_THREAD, int(per_thread)))
+        return ws.nthreads * (1 + prefetch)
+
+    def _fits(self, ts: TaskState, ws: WorkerState) -> bool:
+        if ts.restrictions is None:
+            return True
+        names, resources = ts.restrictions
+        if names is not None and ws.name not in names and ws.id not in names:
+            return False
+        if resources:
+            for name, amount in resources.items():
+                if ws.resources.get(name, 0) < amount:
+                    return False
+        return True
+
+    def _has_room(self, ts: TaskState, ws: WorkerState) -> bool:
+        resources = ts.restrictions[1] if ts.restrictions else None
+        if resources:
+            for name, amount in resources.items():
+                if ws.used_resources.get(name, 0) + amount > ws.resources.get(name, 0):
+                    return False
+        return True
+
+    def _decide_worker(self, ts: TaskState, candidates: Iterable[WorkerState]) -> Any:
+        best = None
+        best_cost = math.inf
+        duration = self._mean_duration
+        for ws in candidates:
+            if ts.restrictions is not None and not (self._fits(ts, ws) and self._has_room(ts, ws)):
+                continue
+            cost = len(ws.processing) / ws.nthreads * duration
+            for dts in ts.dependencies:
+                if ws not in dts.who_has:
+                    cost += dts.nbytes / BANDWIDTH
+            if cost < best_cost:
+                best, best_cost = ws, cost
+        return best
+
+    def _dispatch(self) -> None:
+        """Hand ready tasks, best priority first, to workers with room."""
+        if not self._ready or not self.workers:
+            return
+        open_workers = {ws for ws in self.workers.values() if len(ws.processing) < self.capacity(ws)}
+        deferred = []
+        while self._ready and open_workers:
+            entry = heapq.heappop(self._ready)
+            ts = entry[2]
+            if ts.state != READY:
+                continue
+            ws = self._decide_worker(ts, open_workers)
+            if ws is None:
+                if not any(self._fits(ts, w) for w in self.workers.values()):
+                    ts.state = NO_WORKER
+                    self._no_worker.add(ts)
+                    logger.warning(
+                        "task %r waits: no worker fits its restrictions %s",
+                        ts.key,
+                        ts.restrictions,
+                    )
+                else:
+                    deferred.append(entry)
+                continue
+            self._assign(ts, ws)
+            if len(ws.processing) >= self.capacity(ws):
+                open_workers.discard(ws)
+        for entry in deferred:
+            heapq.heappush(self._ready, entry)
+
+    def _assign(self, ts: TaskState, ws: WorkerState) -> None:
+        ts.state = PROCESSING
+        ts.processing_on = ws
+        ws.processing.add(ts)
+        resources = ts.restrictions[1] if ts.restrictions else None
+        if resources:
+            for name, amount in resources.items():
+                ws.used_resources[name] = ws.used_resources.get(name, 0) + amount
+        deps = [(d.key, [w.address for w in d.who_has]) for d in ts.dependencies]
+        self._send(ws.id, m.Compute(ts.key, ts.priority, deps, ts.options, ts.spec or []))
+
+    def _send(self, peer: str, msg: Any) -> None:
+        self._out.append((peer, msg))
+
+    def _flush(self) -> Outgoing:
+        out, self._out = self._out, []
+        return out
+
+    # --- introspection (tests) ---------------------------------------------------------------
+
+    def validate_state(self) -> None:
+        """Check every invariant; tests call this after each step (never the hot path)."""
+        for key, ts in self.tasks.items():
+            assert ts.key == key
+            if ts.state == PROCESSING:
+                assert ts.processing_on is not None and ts in ts.processing_on.processing, ts
+            else:
+                assert ts.processing_on is None, ts
+            if ts.state == MEMORY:
+                assert ts.who_has, ts
+            for ws in ts.who_has:
+                assert ts in ws.has_what and ws.id in self.workers, (ts, ws)
+            for dts in ts.dependencies:
+                assert ts in dts.dependents, (ts, dts)
+                if ts.state not in _FINISHED:
+                    assert dts.key in self.tasks, (ts, dts)
+                    assert ts in dts.waiters, (ts, dts)
+            if ts.state == WAITING:
+                assert ts.waiting_on == {d for d in ts.dependencies if d.state != MEMORY}, ts
+        for ws in self.workers.values():
+            for ts in ws.processing:
+                assert ts.processing_on is ws and ts.state == PROCESSING, (ts, ws)
+
+
+def _error_frames(kind: str, detail: Any) -> list:
+    """Exception frames built from builtins only: the caller's side rebuilds meshpool's class."""
+    from ..transport.header import dumps_header
+
+    return [dumps_header(("meshpool-error", kind, detail))]
+
+
+def _missing_dependency_error(key: Any, dep_key: Any) -> list:
+    return _error_frames(
+        "KeyError",
+        f"task {key!r} depends on {dep_key!r}, which the scheduler does not know "
+        "(released or never submitted)",
+    )

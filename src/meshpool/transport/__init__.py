@@ -1,0 +1,1 @@
+"""Sockets, framing and serialization. Knows nothing about tasks."""

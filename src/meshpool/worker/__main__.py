@@ -1,0 +1,80 @@
+"""Entry point of a worker process started by a local cluster or a nanny.
+
+The parent writes one JSON line of configuration on our stdin (never argv: it may hold key
+material) and keeps the pipe open: end-of-file means the parent is gone, and the worker exits,
+removing the ipc socket files it was told to clean up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+
+
+def _watch_parent(cleanup: list[str], cleanup_dir: str | None) -> None:
+    try:
+        while sys.stdin.buffer.read(65536):
+            pass
+    except Exception:
+        pass
+    for path in cleanup:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    if cleanup_dir:
+        try:
+            os.rmdir(cleanup_dir)  # succeeds for the last one out
+        except OSError:
+            pass
+    os._exit(0)
+
+
+def main() -> None:
+    config = json.loads(sys.stdin.buffer.readline())
+    if config.get("cwd"):
+        os.chdir(config["cwd"])
+    for path in reversed(config.get("sys_path", [])):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    logging.basicConfig(
+        level=config.get("log_level", "WARNING"),
+        format=f"%(asctime)s {config['name']} %(levelname)s %(name)s: %(message)s",
+    )
+    from ..transport.security import Security
+    from .server import Worker
+
+    security = Security.from_dict(config["security"]) if config.get("security") else None
+    data_address = config["data_address"]
+    cleanup = list(config.get("cleanup", []))
+    if data_address.startswith("ipc://"):
+        cleanup.append(data_address[len("ipc://") :])
+    threading.Thread(
+        target=_watch_parent,
+        args=(cleanup, config.get("cleanup_dir")),
+        name="meshpool-parent-watch",
+        daemon=True,
+    ).start()
+    worker = Worker(
+        config["scheduler"],
+        worker_id=config["worker_id"],
+        name=config["name"],
+        nthreads=config.get("nthreads", 1),
+        data_address=data_address,
+        memory_limit=config.get("memory_limit") or 0,
+        resources=config.get("resources") or {},
+        security=security,
+    )
+    try:
+        worker.run()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
