@@ -292,14 +292,6 @@ class MissingData:
 
 
 @_message
-class CancelComputeReply:
-    op: ClassVar[str] = "cancel-compute-reply"
-    request_id: int
-    key: Key
-    removed: bool
-
-
-@_message
 class InitializerErred:
     op: ClassVar[str] = "initializer-erred"
     frames: list = field(default_factory=list)
@@ -314,11 +306,12 @@ class AddKeys:
 
 
 @_message
-class TaskStarted:
-    """The worker began executing these keys (so a death while running them is blamed on them)."""
+class SlotHello:
+    """An execution slot's socket is connected: the scheduler may send it tasks."""
 
-    op: ClassVar[str] = "started"
-    keys: list
+    op: ClassVar[str] = "slot-hello"
+    worker_id: str
+    slot: int
 
 
 @_message

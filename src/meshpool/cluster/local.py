@@ -48,6 +48,8 @@ class LocalWorkers:
         memory_limit: int | None,
         on_exit: Callable[[str, int], None],
         extra_config: dict | None = None,
+        data_host: str | None = None,
+        name_prefix: str = "worker",
     ) -> None:
         self.count = count
         self.scheduler_address = scheduler_address
@@ -57,6 +59,8 @@ class LocalWorkers:
         self.memory_limit = memory_limit
         self.on_exit = on_exit
         self.extra_config = extra_config or {}
+        self.data_host = data_host  # None: ipc sockets in ``directory``; else tcp on this host
+        self.name_prefix = name_prefix
         self.processes: dict[str, WorkerProcess] = {}
         self.failed_starts = 0
         self.closing = False
@@ -70,20 +74,23 @@ class LocalWorkers:
     def _spawn(self, index: int) -> WorkerProcess:
         self._generation += 1
         worker_id = f"{self.prefix}-{index}-{self._generation}"
-        name = f"worker-{index}"
+        name = f"{self.name_prefix}-{index}"
         config = {
             "scheduler": self.scheduler_address,
             "worker_id": worker_id,
             "name": name,
             "nthreads": self.nthreads,
-            "data_address": f"ipc://{self.directory}/w{self._generation}",
             "memory_limit": self.memory_limit or 0,
             "sys_path": [p for p in sys.path if p],
             "cwd": os.getcwd(),
-            "cleanup": [os.path.join(self.directory, "scheduler")],
-            "cleanup_dir": self.directory,
             **self.extra_config,
         }
+        if self.data_host is None:
+            config["data_address"] = f"ipc://{self.directory}/w{self._generation}"
+            config["cleanup"] = [os.path.join(self.directory, "scheduler")]
+            config["cleanup_dir"] = self.directory
+        else:
+            config["data_address"] = f"tcp://{self.data_host}:0"
         kwargs: dict = {}
         if sys.version_info >= (3, 11):
             kwargs["process_group"] = 0

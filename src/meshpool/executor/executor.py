@@ -89,7 +89,7 @@ class Executor(cf.Executor):
             address,
             nworkers=max_workers or os.cpu_count() or 1,
             threads_per_worker=threads_per_worker,
-            security=_security(security),
+            security=_security(security, address),
             timeout=timeout,
             memory_limit=_parse_size(memory_limit),
         )
@@ -467,10 +467,15 @@ def _packed(frames: list) -> Any:
     return Packed(frames)
 
 
-def _security(value: Any) -> Security | None:
-    if value is None or isinstance(value, Security):
+def _security(value: Any, address: Any) -> Security | None:
+    """Explicit credentials, or those recorded for a TCP address (None for the local cluster)."""
+    if isinstance(value, Security):
         return value
-    return Security.from_directory(value)
+    if not isinstance(address, str):
+        return None
+    from ..transport.security import client_credentials
+
+    return client_credentials(os.fspath(value) if value is not None else None, address)
 
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9}

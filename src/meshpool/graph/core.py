@@ -41,7 +41,10 @@ Graph: TypeAlias = Mapping[Hashable, Any]
 
 _KEY_TYPES = (str, bytes, int, float)
 _REF_TYPES = (int, float, str, bytes, tuple)  # what may *refer* to a key (rule 2)
+_EXACT_REF_TYPES = frozenset(_REF_TYPES)
+_SCALAR_KEY_TYPES = frozenset(_KEY_TYPES)
 _CONTAINERS = (list, tuple, set, frozenset)  # rebuilt from evaluated items (rule 3)
+_WALKED = (*_REF_TYPES, *_CONTAINERS)  # what may hold a reference
 _NO_TASK = object()
 
 
@@ -140,17 +143,49 @@ def _is_ref(x: Any, keys: Any) -> bool:
     return False
 
 
-def _iter_refs(comp: Any, keys: Any) -> Iterator[Key]:
-    """Yield the references in ``comp``, left to right, duplicates included (iterative)."""
+def _refs(comp: Any, keys: Any) -> list[Key]:
+    """The references in ``comp``, left to right, repeats included.
+
+    The hot path of graph analysis: the arguments of a flat task that are plain keys are
+    checked here; anything nested goes to :func:`_walk_refs`.
+    """
+    if not (type(comp) is tuple and comp and callable(comp[0])):
+        return _walk_refs(comp, keys)
+    out: list[Key] = []
+    for x in comp[1:]:
+        typ = type(x)
+        if typ in _SCALAR_KEY_TYPES:
+            if x in keys:
+                out.append(x)
+        elif typ is tuple and x and not callable(x[0]) and _is_ref(x, keys):
+            out.append(x)
+        elif typ is list or isinstance(x, _WALKED):
+            out.extend(_walk_refs(x, keys))
+    return out
+
+
+def _walk_refs(comp: Any, keys: Any) -> list[Key]:
+    """The references anywhere in ``comp``, left to right, repeats included (iterative)."""
     stack = [comp]
+    out: list[Key] = []
     while stack:
         x = stack.pop()
-        if type(x) is tuple and x and callable(x[0]):
-            stack.extend(reversed(x[1:]))
-        elif _is_ref(x, keys):
-            yield x
+        typ = type(x)
+        if typ is tuple and x and callable(x[0]):
+            stack.extend(x[:0:-1])
+            continue
+        if typ in _EXACT_REF_TYPES or isinstance(x, _REF_TYPES):
+            try:
+                if x in keys:
+                    out.append(x)
+                    continue
+            except TypeError:  # a tuple holding something unhashable
+                pass
+        if typ is list:
+            stack.extend(x[::-1])
         elif isinstance(x, _CONTAINERS):
             stack.extend(reversed(list(x)))
+    return out
 
 
 def get_dependencies(
@@ -185,8 +220,8 @@ def get_dependencies(
     else:
         raise ValueError("provide either key or task")
     if as_list:
-        return list(dict.fromkeys(_iter_refs(comp, dsk)))
-    return set(_iter_refs(comp, dsk))
+        return list(dict.fromkeys(_refs(comp, dsk)))
+    return set(_refs(comp, dsk))
 
 
 def reverse_dict(d: Mapping[Key, Iterable[Key]]) -> dict[Key, set[Key]]:
@@ -215,7 +250,7 @@ def get_deps(dsk: Graph) -> tuple[dict[Key, set[Key]], dict[Key, set[Key]]]:
     >>> dependents
     {'a': {'b'}, 'b': {'c'}, 'c': set()}
     """
-    dependencies = {k: set(_iter_refs(v, dsk)) for k, v in dsk.items()}
+    dependencies = {k: set(_refs(v, dsk)) for k, v in dsk.items()}
     return dependencies, reverse_dict(dependencies)
 
 
@@ -223,32 +258,67 @@ def _dfs_postorder(
     roots: Iterable[Key],
     dependencies: Mapping[Key, Iterable[Key]],
 ) -> list[Key]:
-    """Keys reachable from ``roots``, each after all its dependencies; raise on a cycle."""
+    """Keys reachable from ``roots``, each after all its dependencies; raise on a cycle.
+
+    Dependencies are entered in their iteration order. The stack holds bare keys (a key is
+    seen twice: first to push its dependencies, then, with them done, to emit it), so the walk
+    allocates nothing per node -- this is the hot loop of :func:`toposort` and ``order``.
+    """
     ordered: list[Key] = []
-    done: set[Key] = set()
-    on_path: set[Key] = set()
+    emit = ordered.append
+    state: dict[Key, int] = {}  # 1: dependencies pushed, 2: emitted
+    get_state = state.get
+    get_deps = dependencies.get
+    stack: list[Key] = []
+    push, pop = stack.append, stack.pop
     for root in roots:
-        if root in done:
+        if root in state:
             continue
-        on_path.add(root)
-        stack: list[tuple[Key, Iterator[Key]]] = [(root, iter(dependencies.get(root, ())))]
+        push(root)
         while stack:
-            node, deps = stack[-1]
-            for dep in deps:
-                if dep in done:
-                    continue
-                if dep in on_path:
-                    path = [k for k, _ in stack]
-                    raise CycleError([*path[path.index(dep) :], dep])
+            node = stack[-1]
+            s = get_state(node)
+            if s is None:
+                state[node] = 1
+                deps = get_deps(node)
+                if deps:
+                    mark = len(stack)
+                    for d in deps:
+                        sd = get_state(d)
+                        if sd is None:
+                            push(d)
+                        elif sd == 1:  # pushed, not emitted: an ancestor of node
+                            raise CycleError(_cycle_from(d, dependencies))
+                    if len(stack) - mark > 1:
+                        stack[mark:] = stack[: mark - 1 : -1]  # first dependency on top
+            else:
+                pop()
+                if s == 1:  # (s == 2: a stale copy, pushed by a second dependent)
+                    state[node] = 2
+                    emit(node)
+    return ordered
+
+
+def _cycle_from(start: Key, dependencies: Mapping[Key, Iterable[Key]]) -> list[Key]:
+    """A cycle reachable from ``start`` (which is on one), as ``[k0, ..., k0]``."""
+    on_path = {start}
+    stack: list[tuple[Key, Iterator[Key]]] = [(start, iter(dependencies.get(start, ())))]
+    finished: set[Key] = set()
+    while stack:
+        node, deps = stack[-1]
+        for dep in deps:
+            if dep in on_path:
+                path = [k for k, _ in stack]
+                return [*path[path.index(dep) :], dep]
+            if dep not in finished:
                 on_path.add(dep)
                 stack.append((dep, iter(dependencies.get(dep, ()))))
                 break
-            else:
-                stack.pop()
-                on_path.discard(node)
-                done.add(node)
-                ordered.append(node)
-    return ordered
+        else:
+            stack.pop()
+            on_path.discard(node)
+            finished.add(node)
+    raise AssertionError("no cycle found from a node on a cycle")  # pragma: no cover
 
 
 def toposort(dsk: Graph, dependencies: Mapping[Key, Iterable[Key]] | None = None) -> list[Key]:

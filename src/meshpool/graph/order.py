@@ -32,10 +32,10 @@ are iterative.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from .core import Graph, Key, _dfs_postorder, get_deps, reverse_dict
+from .core import Graph, Key, _dfs_postorder, _refs
 
 
 def sort_key(key: Key) -> tuple[Any, ...]:
@@ -55,6 +55,19 @@ def sort_key(key: Key) -> tuple[Any, ...]:
     return (4, type(key).__name__, repr(key))
 
 
+def sorted_keys(keys: Iterable[Key]) -> list[Key]:
+    """``keys`` sorted by :func:`sort_key`, fast when the keys compare natively.
+
+    >>> sorted_keys([('x', 10), ('x', 2)]), sorted_keys(['b', ('a', 1), 'a'])
+    ([('x', 2), ('x', 10)], ['a', 'b', ('a', 1)])
+    """
+    keys = list(keys)
+    try:  # one shape of key (all str, or all ('name', i, j)): compare as they are
+        return sorted(keys)
+    except TypeError:
+        return sorted(keys, key=sort_key)
+
+
 def heights(
     topo: Iterable[Key], dependencies: Mapping[Key, Iterable[Key]]
 ) -> dict[Key, int]:
@@ -64,8 +77,10 @@ def heights(
     {'a': 0, 'b': 1, 'c': 0, 'd': 2}
     """
     h: dict[Key, int] = {}
+    get = h.__getitem__
     for k in topo:
-        h[k] = 1 + max((h[d] for d in dependencies.get(k, ())), default=-1)
+        deps = dependencies.get(k)
+        h[k] = 1 + max(map(get, deps)) if deps else 0
     return h
 
 
@@ -86,17 +101,21 @@ def order(
         >>> sorted(dsk, key=o.get)
         ['x0', 'x1', 's01', 'x2', 'x3', 's23', 's']
     """
+    deps: Mapping[Key, Collection[Key]]
     if dependencies is None:
-        dependencies, dependents = get_deps(dsk)
+        deps = {k: set(_refs(v, dsk)) for k, v in dsk.items()}
+    elif all(d in dsk for ds in dependencies.values() for d in ds):
+        deps = {k: dependencies.get(k, ()) for k in dsk}  # type: ignore[misc]
     else:
-        dependencies = {k: [d for d in dependencies.get(k, ()) if d in dsk] for k in dsk}
-        dependents = reverse_dict(dependencies)
-    ranked = sorted(dsk, key=sort_key)
-    topo = _dfs_postorder(ranked, dependencies)  # raises CycleError
-    height = heights(topo, dependencies)
+        deps = {k: [d for d in dependencies.get(k, ()) if d in dsk] for k in dsk}
+    topo = _dfs_postorder(dsk, deps)  # raises CycleError
+    height = heights(topo, deps)
+    ranked = sorted_keys(dsk)
     # One global rank -- tallest first, then key order -- so each node's children sort by int.
     rank = {k: i for i, k in enumerate(sorted(ranked, key=height.__getitem__, reverse=True))}
-    children = {k: sorted(deps, key=rank.__getitem__) for k, deps in dependencies.items()}
-    outputs = [k for k in ranked if not dependents[k]]
+    by_rank = rank.__getitem__
+    children = {k: sorted(ds, key=by_rank) if len(ds) > 1 else ds for k, ds in deps.items()}
+    referenced = set().union(*deps.values())
+    outputs = [k for k in ranked if k not in referenced]
     # Every key is below some output in a DAG, so this walk numbers all of them.
     return {k: i for i, k in enumerate(_dfs_postorder(outputs, children))}

@@ -55,6 +55,8 @@ class SchedulerServer:
         self._last_seen: dict[str, float] = {}
         self._kind: dict[str, str] = {}  # peer id -> "worker" | "client"
         self._unresponsive: set[str] = set()
+        self._worker_peers: dict[str, set[str]] = {}  # worker id -> its control + slot peers
+        self._early_slots: dict[str, list] = {}  # slot hellos that beat their worker's register
         self.bytes_received = 0
         self.bytes_sent = 0
         self.on_worker_removed: Callable[[str, str], None] | None = None
@@ -70,8 +72,10 @@ class SchedulerServer:
         self._send_all(self.state.handle_client(self.local_client, msg))
 
     def remove_worker(self, worker_id: str, reason: str) -> None:
-        self._kind.pop(worker_id, None)
-        self._last_seen.pop(worker_id, None)
+        for peer in self._worker_peers.pop(worker_id, {worker_id}):
+            self._kind.pop(peer, None)
+            self._last_seen.pop(peer, None)
+        self._early_slots.pop(worker_id, None)
         self._send_all(self.state.remove_worker(worker_id, reason))
         if self.on_worker_removed is not None:
             self.on_worker_removed(worker_id, reason)
@@ -104,16 +108,9 @@ class SchedulerServer:
     def _dispatch(self, peer: str, msg: Any) -> None:
         kind = self._kind.get(peer)
         if isinstance(msg, m.RegisterWorker):
-            problem = m.version_mismatch(m.versions(), msg.versions)
-            if problem is not None or msg.worker_id != peer:
-                problem = problem or "worker id does not match its connection"
-                logger.error("refusing worker %s: %s", msg.name, problem)
-                self._send(peer, m.CloseWorker(f"refused by the scheduler: {problem}"))
-                return
-            self._kind[peer] = "worker"
-            self._send_all(self.state.handle_worker(peer, msg))
-            if self.on_worker_added is not None:
-                self.on_worker_added(peer)
+            self._register_worker(peer, msg)
+        elif isinstance(msg, m.SlotHello):
+            self._slot_hello(peer, msg)
         elif isinstance(msg, m.HelloClient):
             problem = m.version_mismatch(m.versions(), msg.versions)
             if problem is not None:
@@ -135,6 +132,36 @@ class SchedulerServer:
         else:
             logger.warning("dropping %s from unregistered peer %r", type(msg).__name__, peer)
 
+    def _register_worker(self, peer: str, msg: m.RegisterWorker) -> None:
+        problem = m.version_mismatch(m.versions(), msg.versions)
+        if problem is not None or msg.worker_id != peer or "/" in peer:
+            problem = problem or "worker id does not match its connection"
+            logger.error("refusing worker %s: %s", msg.name, problem)
+            self._send(peer, m.CloseWorker(f"refused by the scheduler: {problem}"))
+            return
+        self._kind[peer] = "worker"
+        self._worker_peers[peer] = {peer}
+        self._send_all(self.state.handle_worker(peer, msg))
+        if self.on_worker_added is not None:
+            self.on_worker_added(peer)
+        for early in self._early_slots.pop(peer, []):
+            self._slot_hello(f"{peer}/{early.slot}", early)
+
+    def _slot_hello(self, peer: str, msg: m.SlotHello) -> None:
+        """A slot connects on its own socket, possibly before its worker has registered."""
+        if peer != f"{msg.worker_id}/{msg.slot}":
+            logger.warning("dropping slot hello with a mismatched identity %r", peer)
+            return
+        peers = self._worker_peers.get(msg.worker_id)
+        if peers is None:
+            early = self._early_slots.setdefault(msg.worker_id, [])
+            if len(early) < 1024:
+                early.append(msg)
+            return
+        self._kind[peer] = "worker"
+        peers.add(peer)
+        self._send_all(self.state.handle_worker(peer, msg))
+
     def _send_all(self, out: list) -> None:
         for peer, msg in out:
             if peer == self.local_client:
@@ -154,21 +181,21 @@ class SchedulerServer:
         return True
 
     def _peer_gone(self, peer: str, reason: str) -> None:
-        kind = self._kind.pop(peer, None)
-        self._last_seen.pop(peer, None)
+        kind = self._kind.get(peer)
         if kind == "worker":
-            self._send_all(self.state.remove_worker(peer, reason))
-            if self.on_worker_removed is not None:
-                self.on_worker_removed(peer, reason)
+            self.remove_worker(peer.partition("/")[0], reason)
         elif kind == "client":
+            self._kind.pop(peer, None)
+            self._last_seen.pop(peer, None)
             self._send_all(self.state.remove_client(peer))
 
     def on_tick(self, now: float) -> None:
         if now - self._last_ping < PING_INTERVAL:
             return
         self._last_ping = now
-        for peer in list(self._kind):
-            self._send(peer, m.Reply(-1, "ping"))
+        for peer in [p for p in self._kind if "/" not in p]:
+            if peer in self._kind:
+                self._send(peer, m.Reply(-1, "ping"))
         for peer, seen in list(self._last_seen.items()):
             if (
                 self._kind.get(peer) == "worker"
@@ -203,6 +230,8 @@ def serve_forever(
             server.on_tick(time.monotonic())
     finally:
         for peer, kind in list(server._kind.items()):
+            if "/" in peer:
+                continue
             if kind == "worker":
                 server._send(peer, m.CloseWorker("scheduler stopping"))
             else:

@@ -17,9 +17,12 @@ A task's life::
 
 Placement: a ready task goes to the worker, among those with room, where it can start earliest:
 queued work (tasks per thread times the mean task duration) plus the bytes of its inputs that
-worker lacks over an assumed bandwidth. Workers hold a few tasks beyond their threads (a prefetch
-queue sized so that it covers about :data:`PREFETCH_SECONDS` of work), which hides the round trip
-for small tasks without piling long tasks onto one worker.
+worker lacks over an assumed bandwidth. Each worker thread is a *slot* with its own connection;
+the scheduler sends a slot its tasks directly and the slot runs them in arrival order, so the
+oldest unfinished task of a slot is the one executing. A slot holds a few tasks beyond the one it
+runs (a prefetch queue covering about :data:`PREFETCH_SECONDS` of work), which hides the round
+trip for small tasks without piling long tasks onto one worker. Cancelling a task queued behind
+the executing one is decided here at once; a worker's death is blamed only on executing tasks.
 
 References: a task is kept while a client wants it (``wanted_by``) or a pending task needs it
 (``waiters``). Dropping a future releases the key but never cancels the task; the result is
@@ -32,6 +35,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -82,7 +86,7 @@ class TaskState:
         "error",
         "retries_left",
         "suspicious",
-        "executing",
+        "slot",
         "restrictions",
     )
 
@@ -103,7 +107,7 @@ class TaskState:
         self.error: list | None = None
         self.retries_left = (options or {}).get("retries", 0) or 0
         self.suspicious = 0
-        self.executing = False
+        self.slot = -1
         self.restrictions = _restrictions(options)
 
     def __repr__(self) -> str:
@@ -130,6 +134,8 @@ class WorkerState:
         "resources",
         "used_resources",
         "processing",
+        "slots",
+        "ready_slots",
         "has_what",
         "nbytes",
         "pid",
@@ -145,6 +151,8 @@ class WorkerState:
         self.resources = dict(msg.resources or {})
         self.used_resources: dict[str, float] = {}
         self.processing: set[TaskState] = set()
+        self.slots: list[deque[TaskState]] = [deque() for _ in range(self.nthreads)]
+        self.ready_slots: list[int] = []
         self.has_what: set[TaskState] = set()
         self.nbytes = 0
         self.pid = msg.pid
@@ -162,7 +170,7 @@ class WorkerState:
             "memory_limit": self.memory_limit,
             "resources": dict(self.resources),
             "processing": len(self.processing),
-            "executing": sum(1 for ts in self.processing if ts.executing),
+            "executing": sum(1 for q in self.slots if q),
             "keys": len(self.has_what),
             "nbytes": self.nbytes,
             "pid": self.pid,
@@ -183,7 +191,6 @@ class SchedulerState:
         self._seq = 0
         self._no_worker: set[TaskState] = set()
         self._mean_duration = DEFAULT_DURATION
-        self._cancel_requests: dict[tuple[str, int], tuple[set, list]] = {}
         self._out: Outgoing = []
         self._client_handlers = {
             m.SubmitTasks: self._client_submit,
@@ -200,10 +207,9 @@ class SchedulerState:
             m.ComputeDone: self._worker_done,
             m.ComputeErred: self._worker_erred,
             m.MissingData: self._worker_missing_data,
-            m.CancelComputeReply: self._worker_cancel_reply,
             m.InitializerErred: self._worker_initializer_erred,
             m.AddKeys: self._worker_add_keys,
-            m.TaskStarted: self._worker_started,
+            m.SlotHello: self._worker_slot_hello,
             m.Heartbeat: self._worker_heartbeat,
         }
 
@@ -218,10 +224,12 @@ class SchedulerState:
         handler(client_id, msg)
         return self._flush()
 
-    def handle_worker(self, worker_id: str, msg: Any) -> Outgoing:
+    def handle_worker(self, peer: str, msg: Any) -> Outgoing:
+        """A message from a worker's control connection ("id") or one of its slots ("id/n")."""
         if isinstance(msg, m.RegisterWorker):
             self._add_worker(msg)
             return self._flush()
+        worker_id = peer.partition("/")[0]
         ws = self.workers.get(worker_id)
         if ws is None:
             logger.warning("dropping %s from unknown worker %s", type(msg).__name__, worker_id)
@@ -243,13 +251,14 @@ class SchedulerState:
             if not ts.who_has and ts.state == MEMORY:
                 self._data_lost(ts, ws)
         ws.has_what.clear()
+        executing = {q[0] for q in ws.slots if q}
         for ts in sorted(ws.processing, key=lambda t: t.priority):
             ts.processing_on = None
+            ts.slot = -1
             if ts.state != PROCESSING:
                 continue
-            if ts.executing:
+            if ts in executing:
                 ts.suspicious += 1
-                ts.executing = False
                 if ts.suspicious >= self.killed_worker_limit:
                     self._fail_killed(ts, ws)
                     continue
@@ -258,10 +267,8 @@ class SchedulerState:
                     continue
             self._make_ready_or_wait(ts)
         ws.processing.clear()
-        for (client_id, req), (pending, _done) in list(self._cancel_requests.items()):
-            for ts in [t for t in pending if t.processing_on is None]:
-                pending.discard(ts)
-            self._maybe_finish_cancel(client_id, req)
+        for q in ws.slots:
+            q.clear()
         self._dispatch()
         return self._flush()
 
@@ -333,25 +340,23 @@ class SchedulerState:
                 self._maybe_forget(ts)
 
     def _client_cancel(self, client_id: str, msg: m.CancelKeys) -> None:
-        pending: set[TaskState] = set()
-        done: list = []
+        """Cancel what no worker has started: not yet sent, or queued behind a slot's task."""
+        cancelled: list = []
         for key in msg.keys:
             ts = self.tasks.get(key)
             if ts is None:
                 continue
             if ts.state in (WAITING, READY, NO_WORKER):
-                done.extend(t.key for t in self._cancel(ts))
+                cancelled.extend(t.key for t in self._cancel(ts))
             elif ts.state == PROCESSING and ts.processing_on is not None:
-                pending.add(ts)
-                self._send(ts.processing_on.id, m.CancelCompute(msg.request_id, ts.key))
-        self._cancel_requests[(client_id, msg.request_id)] = (pending, done)
-        self._maybe_finish_cancel(client_id, msg.request_id)
-
-    def _maybe_finish_cancel(self, client_id: str, request_id: int) -> None:
-        pending, done = self._cancel_requests[(client_id, request_id)]
-        if not pending:
-            del self._cancel_requests[(client_id, request_id)]
-            self._out.append((client_id, m.CancelReply(request_id, done)))
+                ws = ts.processing_on
+                queue = ws.slots[ts.slot]
+                if queue and queue[0] is not ts:  # queued behind the executing task
+                    self._send(f"{ws.id}/{ts.slot}", m.CancelCompute(msg.request_id, ts.key))
+                    self._release_slot(ts, ws)
+                    cancelled.extend(t.key for t in self._cancel(ts))
+        self._out.append((client_id, m.CancelReply(msg.request_id, cancelled)))
+        self._dispatch()
 
     def _client_who_has(self, client_id: str, msg: m.WhoHas) -> None:
         locations = {}
@@ -363,7 +368,8 @@ class SchedulerState:
     def _client_initializer(self, client_id: str, msg: m.SetInitializer) -> None:
         self.initializers.append(msg.frames)
         for ws in self.workers.values():
-            self._send(ws.id, m.RunInitializer(msg.frames))
+            for slot in ws.ready_slots:
+                self._send(f"{ws.id}/{slot}", m.RunInitializer(msg.frames))
 
     def _client_scatter(self, client_id: str, msg: m.Scatter) -> None:
         """The client sent data straight to workers; the keys wait for the workers' AddKeys."""
@@ -399,8 +405,6 @@ class SchedulerState:
         ws = WorkerState(msg)
         self.workers[ws.id] = ws
         logger.info("worker %s joined (%d threads, %s)", ws.name, ws.nthreads, ws.address)
-        for frames in self.initializers:
-            self._send(ws.id, m.RunInitializer(frames))
         for ts in list(self._no_worker):
             if self._fits(ts, ws):
                 self._no_worker.discard(ts)
@@ -419,7 +423,6 @@ class SchedulerState:
         self._mean_duration += DURATION_WEIGHT * (msg.duration - self._mean_duration)
         self._release_slot(ts, ws)
         ts.state = MEMORY
-        ts.executing = False
         ts.nbytes = msg.nbytes
         ts.who_has.add(ws)
         ws.has_what.add(ts)
@@ -439,7 +442,6 @@ class SchedulerState:
         if ts is None or ts.state != PROCESSING or ts.processing_on is not ws:
             return
         self._release_slot(ts, ws)
-        ts.executing = False
         if ts.retries_left > 0:
             ts.retries_left -= 1
             self._push_ready(ts)
@@ -459,23 +461,6 @@ class SchedulerState:
         if ts is not None and ts.state == PROCESSING and ts.processing_on is ws:
             self._release_slot(ts, ws)
             self._make_ready_or_wait(ts)
-        self._dispatch()
-
-    def _worker_cancel_reply(self, ws: WorkerState, msg: m.CancelComputeReply) -> None:
-        ts = self.tasks.get(msg.key)
-        entry = None
-        for (client_id, req), value in self._cancel_requests.items():
-            if req == msg.request_id and ts in value[0]:
-                entry = (client_id, req, value)
-                break
-        if ts is not None and msg.removed and ts.state == PROCESSING and ts.processing_on is ws:
-            self._release_slot(ts, ws)
-            cancelled = self._cancel(ts)
-            if entry is not None:
-                entry[2][1].extend(t.key for t in cancelled)
-        if entry is not None:
-            entry[2][0].discard(ts)
-            self._maybe_finish_cancel(entry[0], entry[1])
         self._dispatch()
 
     def _worker_initializer_erred(self, ws: WorkerState, msg: m.InitializerErred) -> None:
@@ -513,11 +498,12 @@ class SchedulerState:
             self._maybe_forget(ts)
         self._dispatch()
 
-    def _worker_started(self, ws: WorkerState, msg: m.TaskStarted) -> None:
-        for key in msg.keys:
-            ts = self.tasks.get(key)
-            if ts is not None and ts.processing_on is ws:
-                ts.executing = True
+    def _worker_slot_hello(self, ws: WorkerState, msg: m.SlotHello) -> None:
+        if 0 <= msg.slot < ws.nthreads and msg.slot not in ws.ready_slots:
+            ws.ready_slots.append(msg.slot)
+            for frames in self.initializers:
+                self._send(f"{ws.id}/{msg.slot}", m.RunInitializer(frames))
+            self._dispatch()
 
     def _worker_heartbeat(self, ws: WorkerState, msg: m.Heartbeat) -> None:
         pass  # any traffic counts as liveness; the shell tracks it
@@ -560,7 +546,16 @@ class SchedulerState:
 
     def _release_slot(self, ts: TaskState, ws: WorkerState) -> None:
         ws.processing.discard(ts)
+        queue = ws.slots[ts.slot]
+        if queue and queue[0] is ts:
+            queue.popleft()
+        else:
+            try:
+                queue.remove(ts)
+            except ValueError:
+                pass
         ts.processing_on = None
+        ts.slot = -1
         resources = ts.restrictions[1] if ts.restrictions else None
         if resources:
             for name, amount in resources.items():
@@ -618,7 +613,7 @@ class SchedulerState:
                 continue
             if t.processing_on is not None and t is not ts:
                 # a dependent already on a worker: it cannot run without its input anyway
-                self._send(t.processing_on.id, m.FreeKeys([t.key]))
+                self._send(f"{t.processing_on.id}/{t.slot}", m.CancelCompute(0, t.key))
                 self._release_slot(t, t.processing_on)
             t.state = CANCELLED
             self._no_worker.discard(t)
@@ -668,11 +663,19 @@ class SchedulerState:
 
     # --- placement ---------------------------------------------------------------------------
 
-    def capacity(self, ws: WorkerState) -> int:
-        """Tasks a worker may hold: its threads plus a prefetch queue covering a little work."""
+    def slot_capacity(self) -> int:
+        """Tasks a slot may hold: the one it runs plus a prefetch queue covering a little work."""
         per_thread = PREFETCH_SECONDS / max(self._mean_duration, 1e-6)
-        prefetch = max(1, min(MAX_PREFETCH_PER_THREAD, int(per_thread)))
-        return ws.nthreads * (1 + prefetch)
+        return 1 + max(1, min(MAX_PREFETCH_PER_THREAD, int(per_thread)))
+
+    def _open_slot(self, ws: WorkerState, capacity: int) -> int:
+        """The least loaded ready slot of ``ws`` with room, or -1."""
+        best, best_len = -1, capacity
+        for index in ws.ready_slots:
+            length = len(ws.slots[index])
+            if length < best_len:
+                best, best_len = index, length
+        return best
 
     def _fits(self, ts: TaskState, ws: WorkerState) -> bool:
         if ts.restrictions is None:
@@ -701,7 +704,7 @@ class SchedulerState:
         for ws in candidates:
             if ts.restrictions is not None and not (self._fits(ts, ws) and self._has_room(ts, ws)):
                 continue
-            cost = len(ws.processing) / ws.nthreads * duration
+            cost = len(ws.processing) / len(ws.ready_slots or (0,)) * duration
             for dts in ts.dependencies:
                 if ws not in dts.who_has:
                     cost += dts.nbytes / BANDWIDTH
@@ -713,7 +716,10 @@ class SchedulerState:
         """Hand ready tasks, best priority first, to workers with room."""
         if not self._ready or not self.workers:
             return
-        open_workers = {ws for ws in self.workers.values() if len(ws.processing) < self.capacity(ws)}
+        capacity = self.slot_capacity()
+        open_workers = {
+            ws for ws in self.workers.values() if self._open_slot(ws, capacity) >= 0
+        }
         deferred = []
         while self._ready and open_workers:
             entry = heapq.heappop(self._ready)
@@ -733,22 +739,25 @@ class SchedulerState:
                 else:
                     deferred.append(entry)
                 continue
-            self._assign(ts, ws)
-            if len(ws.processing) >= self.capacity(ws):
+            slot = self._open_slot(ws, capacity)
+            self._assign(ts, ws, slot)
+            if self._open_slot(ws, capacity) < 0:
                 open_workers.discard(ws)
         for entry in deferred:
             heapq.heappush(self._ready, entry)
 
-    def _assign(self, ts: TaskState, ws: WorkerState) -> None:
+    def _assign(self, ts: TaskState, ws: WorkerState, slot: int) -> None:
         ts.state = PROCESSING
         ts.processing_on = ws
+        ts.slot = slot
+        ws.slots[slot].append(ts)
         ws.processing.add(ts)
         resources = ts.restrictions[1] if ts.restrictions else None
         if resources:
             for name, amount in resources.items():
                 ws.used_resources[name] = ws.used_resources.get(name, 0) + amount
         deps = [(d.key, [w.address for w in d.who_has]) for d in ts.dependencies]
-        self._send(ws.id, m.Compute(ts.key, ts.priority, deps, ts.options, ts.spec or []))
+        self._send(f"{ws.id}/{slot}", m.Compute(ts.key, ts.priority, deps, ts.options, ts.spec or []))
 
     def _send(self, peer: str, msg: Any) -> None:
         self._out.append((peer, msg))
@@ -781,6 +790,8 @@ class SchedulerState:
         for ws in self.workers.values():
             for ts in ws.processing:
                 assert ts.processing_on is ws and ts.state == PROCESSING, (ts, ws)
+                assert ts in ws.slots[ts.slot], (ts, ws)
+            assert sum(len(q) for q in ws.slots) == len(ws.processing), ws
 
 
 def _error_frames(kind: str, detail: Any) -> list:

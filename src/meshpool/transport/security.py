@@ -18,9 +18,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any
+
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from ..errors import SecurityError
 from .sockets import context
@@ -28,7 +28,7 @@ from .sockets import context
 KEY_NAME = "cluster"
 
 _auth_lock = threading.Lock()
-_authenticator: ThreadAuthenticator | None = None
+_authenticator: Any = None  # zmq.auth.thread.ThreadAuthenticator, imported when first needed
 _authenticator_pid = 0
 _allowed: set[bytes] = set()
 
@@ -48,6 +48,8 @@ class Security:
                 f"no cluster credentials in {directory} (expected {secret_file.name}; "
                 "`meshpool keygen DIR` writes them)"
             )
+        import zmq.auth
+
         try:
             public, secret = zmq.auth.load_certificate(str(secret_file))
         except Exception as exc:
@@ -59,6 +61,8 @@ class Security:
     @classmethod
     def generate(cls, path: str | os.PathLike) -> Security:
         """Write a new cluster key pair into ``path`` (created 0700) and return it."""
+        import zmq.auth
+
         directory = Path(path).expanduser()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(directory, 0o700)
@@ -88,6 +92,8 @@ class Security:
 
 def _ensure_authenticator(public: bytes) -> None:
     global _authenticator, _authenticator_pid
+    from zmq.auth.thread import ThreadAuthenticator
+
     with _auth_lock:
         if _authenticator is None or _authenticator_pid != os.getpid():
             _allowed.clear()
@@ -103,3 +109,92 @@ class _Provider:
 
     def callback(self, domain: str, key: bytes) -> bool:
         return zmq.utils.z85.encode(key) in _allowed if len(key) == 32 else key in _allowed
+
+
+# --- credentials found by address (zero configuration on a shared home directory) -------------
+
+
+def credentials_root() -> Path:
+    """``~/.meshpool/clusters`` (``MESHPOOL_HOME`` replaces ``~/.meshpool``)."""
+    base = os.environ.get("MESHPOOL_HOME") or os.path.join(os.path.expanduser("~"), ".meshpool")
+    return Path(base) / "clusters"
+
+
+def public_host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _local_names() -> list[str]:
+    import socket
+
+    names = {socket.gethostname(), "localhost", "127.0.0.1"}
+    try:
+        names.add(socket.getfqdn())
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            names.add(str(info[4][0]))
+    except OSError:
+        pass
+    return sorted(n for n in names if n and "/" not in n)
+
+
+def _split(address: str) -> tuple[str, int]:
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def scheduler_credentials(directory: str | None, host: str, port: int) -> Security:
+    """The scheduler's credentials: from ``directory``, or made and recorded by address."""
+    if directory:
+        path = Path(directory).expanduser()
+        if not (path / f"{KEY_NAME}.key_secret").exists():
+            return Security.generate(path)
+        return Security.from_directory(path)
+    root = credentials_root()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(root.parent, 0o700)
+    os.chmod(root, 0o700)
+    hosts = _local_names() if host in ("0.0.0.0", "*", "", "::") else [host]
+    real = root / f"{hosts[0] if host not in ('0.0.0.0', '*', '', '::') else public_host()}-{port}"
+    security = Security.generate(real)
+    for name in hosts:
+        link = root / f"{name}-{port}"
+        if link == real:
+            continue
+        try:
+            if link.is_symlink() or link.exists():
+                if link.is_symlink():
+                    link.unlink()
+                else:
+                    continue
+            link.symlink_to(real.name)
+        except OSError:
+            pass
+    return security
+
+
+def client_credentials(directory: str | None, address: str) -> Security | None:
+    """A client's or worker's credentials for ``address``; None if none are known (insecure)."""
+    if directory:
+        return Security.from_directory(directory)
+    env = os.environ.get("MESHPOOL_SECURITY")
+    if env:
+        return Security.from_directory(env)
+    if not address.startswith("tcp://"):
+        return None
+    host, port = _split(address)
+    candidates = [host]
+    try:
+        import socket
+
+        candidates += [str(i[4][0]) for i in socket.getaddrinfo(host, port)]
+    except OSError:
+        pass
+    root = credentials_root()
+    for name in candidates:
+        path = root / f"{name}-{port}"
+        if (path / f"{KEY_NAME}.key_secret").exists():
+            return Security.from_directory(path)
+    return None

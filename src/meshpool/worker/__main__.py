@@ -64,6 +64,7 @@ def main() -> None:
         name=config["name"],
         nthreads=config.get("nthreads", 1),
         data_address=data_address,
+        contact_address=config.get("contact_address"),
         memory_limit=config.get("memory_limit") or 0,
         resources=config.get("resources") or {},
         security=security,

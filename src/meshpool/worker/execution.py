@@ -1,116 +1,159 @@
-"""Execution threads: take ready tasks by priority, run them, report through an inproc socket.
+"""Execution slots: threads that each own a socket to the scheduler and run its tasks in order.
 
-Each thread owns one PUSH socket to the worker loop's PULL socket (zmq sockets are never shared
-between threads) and sends it finished messages already encoded, so the loop only forwards
-frames. A thread announces each task it starts (so the scheduler blames a worker's death only on
-tasks that were really executing) and then runs it to completion: the function and its arguments
-are unpickled here, never in the loop thread, and so is the result pickled.
+Theory of operation::
+
+    scheduler ──Compute / CancelCompute / RunInitializer──▶ slot i (DEALER "worker-id/i")
+              ◀──ComputeDone / ComputeErred / MissingData / AddKeys──┘
+
+Each execution thread is a *slot*: the scheduler sends a slot its tasks directly, and the slot
+runs them strictly in arrival order and answers on the same socket. A task therefore costs the
+worker one thread wake-up, and the scheduler always knows which task a slot is executing: the
+oldest one it sent there that has not finished. So a worker's death is blamed only on tasks that
+were executing (KilledWorker), and cancelling a task queued behind it needs no round trip: the
+scheduler sends CancelCompute, which the slot reads before it starts anything else (it drains its
+socket between tasks).
+
+Inputs the worker lacks are fetched by the slot itself from the peers' data sockets, trying each
+holder in turn (:data:`FETCH_TIMEOUT` each); if none answers, MissingData tells the scheduler.
+Functions, arguments and results are unpickled and pickled here, never in the worker's I/O loop.
 """
 
 from __future__ import annotations
 
-import heapq
+import collections
+import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from .. import messages as m
 from ..transport import serialize
+from ..transport.header import MalformedMessage
+from ..transport.security import Security
 from ..transport.sockets import make_socket
 from .store import DataStore
 
+logger = logging.getLogger("meshpool.worker")
+
 SMALL_RESULT = 64 * 1024  # results up to this size ride with the completion message
-STARTED = b"started"
-FINISHED = b"finished"
+FETCH_TIMEOUT = 10.0  # seconds a peer gets to send data before the next holder is tried
 
 
-class ReadyQueue:
-    """Tasks whose inputs are all local, best priority first; removable until taken."""
+class Initializers:
+    """Initializers run once per process, whichever slot meets them first; the others wait."""
 
     def __init__(self) -> None:
-        self._heap: list = []
-        self._entries: dict[Any, tuple] = {}
-        self._seq = 0
-        self._cond = threading.Condition(threading.Lock())
-        self._closed = False
+        self._lock = threading.Lock()
+        self._done: set[bytes] = set()
 
-    def put(self, key: Any, priority: Any, item: Any) -> None:
-        with self._cond:
-            self._seq += 1
-            entry = (priority, self._seq, key, item)
-            self._entries[key] = entry
-            heapq.heappush(self._heap, entry)
-            self._cond.notify()
-
-    def get(self) -> tuple[Any, Any] | None:
-        """Block until a task is ready; None once closed."""
-        with self._cond:
-            while True:
-                while self._heap:
-                    entry = heapq.heappop(self._heap)
-                    if self._entries.get(entry[2]) is entry:
-                        del self._entries[entry[2]]
-                        return entry[2], entry[3]
-                if self._closed:
-                    return None
-                self._cond.wait()
-
-    def remove(self, key: Any) -> bool:
-        """Take a task out before any thread started it; False if it already started."""
-        with self._cond:
-            return self._entries.pop(key, None) is not None
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+    def run(self, frames: list) -> list | None:
+        """Run an initializer once; return exception frames if it raised."""
+        token = bytes(frames[0])
+        with self._lock:
+            if token in self._done:
+                return None
+            self._done.add(token)
+            try:
+                fn, args = serialize.loads(frames)
+                fn(*args)
+            except BaseException as exc:
+                logger.error("initializer failed: %r", exc)
+                return serialize.dumps_exception(exc)
+        return None
 
 
-class TaskRunner(threading.Thread):
-    """One execution thread."""
+class Slot(threading.Thread):
+    """One execution thread with its own connection to the scheduler."""
 
     def __init__(
         self,
         index: int,
-        queue: ReadyQueue,
+        *,
+        worker_id: str,
+        scheduler_address: str,
         store: DataStore,
         functions: serialize.LoadedFunctions,
-        results_address: str,
-        on_thread_start: Callable[[], None] | None = None,
+        initializers: Initializers,
+        security: Security | None,
     ) -> None:
-        super().__init__(name=f"meshpool-exec-{index}", daemon=True)
-        self.queue = queue
+        super().__init__(name=f"meshpool-slot-{index}", daemon=True)
+        self.index = index
+        self.worker_id = worker_id
         self.store = store
         self.functions = functions
-        self.results_address = results_address
+        self.initializers = initializers
+        self.security = security
+        self.queue: collections.deque = collections.deque()
         self.current: Any = None
+        self.running = True
+        self.sock = make_socket(zmq.DEALER, identity=f"{worker_id}/{index}".encode())
+        if security is not None:
+            security.client(self.sock, scheduler_address)
+        self.sock.connect(scheduler_address)
+        self._peers: dict[str, zmq.Socket] = {}
+        self._request_id = 0
 
     def run(self) -> None:
-        sock = make_socket(zmq.PUSH)
-        sock.connect(self.results_address)
+        self._send(m.SlotHello(self.worker_id, self.index))
         try:
-            while True:
-                item = self.queue.get()
-                if item is None:
-                    return
-                key, compute = item
-                self.current = key
-                sock.send_multipart([STARTED, *m.encode(m.TaskStarted([key]))])
-                frames = self.execute(compute)
-                self.current = None
-                sock.send_multipart([FINISHED, *frames])
+            while self.running:
+                if not self.queue:
+                    if not self.sock.poll(250):
+                        continue
+                self._drain()
+                if self.queue:
+                    compute = self.queue.popleft()
+                    self.current = compute.key
+                    self._send_frames(self.execute(compute))
+                    self.current = None
+        except zmq.ContextTerminated:
+            pass
         finally:
-            sock.close(linger=0)
+            for sock in [self.sock, *self._peers.values()]:
+                sock.close(linger=0)
+
+    def _send(self, msg: Any) -> None:
+        self.sock.send_multipart(m.encode(msg), copy=False)
+
+    def _send_frames(self, frames: list) -> None:
+        self.sock.send_multipart(frames, copy=False)
+
+    def _drain(self) -> None:
+        """Read everything waiting: queue computes, apply cancels, run initializers."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = m.decode(frames)
+            except MalformedMessage as exc:
+                logger.warning("dropping malformed message from the scheduler: %s", exc)
+                continue
+            if isinstance(msg, m.Compute):
+                self.queue.append(msg)
+            elif isinstance(msg, m.CancelCompute):
+                self.queue = collections.deque(c for c in self.queue if c.key != msg.key)
+            elif isinstance(msg, m.RunInitializer):
+                error = self.initializers.run(msg.frames)
+                if error is not None:
+                    self._send(m.InitializerErred(error))
+            elif isinstance(msg, m.Reply):
+                pass  # liveness ping
+            else:
+                logger.warning("slot dropping unexpected %s", type(msg).__name__)
+
+    # --- running a task ----------------------------------------------------------------------
 
     def execute(self, compute: m.Compute) -> list:
-        """Run one task; return the encoded ComputeDone or ComputeErred message."""
+        """Run one task; return the encoded ComputeDone / ComputeErred / MissingData."""
+        missing = self._fetch_missing(compute)
+        if missing is not None:
+            return m.encode(m.MissingData(compute.key, missing[0], missing[1]))
         start = time.perf_counter()
+        fn = None
         try:
             fn, args, kwargs = self._unpack(compute)
             value = fn(*args, **kwargs)
@@ -129,7 +172,7 @@ class TaskRunner(threading.Thread):
 
     def _unpack(self, compute: m.Compute) -> tuple:
         fn_bytes, *arg_frames = compute.frames
-        fn = self.functions.loads(bytes(fn_bytes))
+        fn = self.functions.loads(fn_bytes)
         options = compute.options
         args_key = options.get("args_key") if options else None
         if args_key is not None:  # large arguments came as a data key, straight from the caller
@@ -142,6 +185,78 @@ class TaskRunner(threading.Thread):
         else:
             args, kwargs = serialize.loads(arg_frames)
         return fn, args, kwargs
+
+    # --- fetching inputs ---------------------------------------------------------------------
+
+    def _fetch_missing(self, compute: m.Compute) -> tuple[Any, str] | None:
+        """Fetch inputs held elsewhere; on failure return (key, last address tried)."""
+        wanted = [(k, list(a)) for k, a in compute.dependencies if k not in self.store]
+        added = []
+        while wanted:
+            by_address: dict[str, list] = {}
+            for key, addresses in wanted:
+                if not addresses:
+                    return key, ""
+                by_address.setdefault(addresses[0], []).append(key)
+            still: list = []
+            for address, keys in by_address.items():
+                got = self._get(address, keys)
+                for key in keys:
+                    if key in got:
+                        added.append((key, self.store.put_frames(key, got[key])))
+                    else:
+                        addresses = next(a for k, a in wanted if k == key)
+                        addresses.pop(0)
+                        if not addresses:
+                            if added:
+                                self._send(m.AddKeys(added))
+                            return key, address
+                        still.append((key, addresses))
+            wanted = still
+        if added:
+            self._send(m.AddKeys(added))
+        return None
+
+    def _get(self, address: str, keys: list) -> dict:
+        """Ask one peer for keys; return what it sent (nothing if it did not answer in time)."""
+        sock = self._peers.get(address)
+        if sock is None:
+            sock = self._peers[address] = make_socket(zmq.DEALER)
+            if self.security is not None and address.startswith("tcp://"):
+                self.security.client(sock, address)
+            sock.connect(address)
+        self._request_id += 1
+        sock.send_multipart(m.encode(m.GetData(self._request_id, keys)))
+        deadline = time.monotonic() + FETCH_TIMEOUT
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+                logger.warning("peer %s did not send %r in time", address, keys)
+                self._peers.pop(address, None)
+                sock.close(linger=0)
+                return {}
+            frames = sock.recv_multipart(copy=False)
+            try:
+                msg = m.decode([frames[0].bytes, *[_buffer(f) for f in frames[1:]]])
+            except MalformedMessage as exc:
+                logger.warning("dropping malformed data reply from %s: %s", address, exc)
+                continue
+            if not isinstance(msg, m.Data) or msg.request_id != self._request_id:
+                continue  # a late answer to an earlier request
+            got = {}
+            offset = 0
+            for key, nframes in msg.items:
+                if nframes >= 0:
+                    got[key] = msg.frames[offset : offset + nframes]
+                    offset += nframes
+            return got
+
+
+def _buffer(frame: Any) -> Any:
+    """A received frame for pickle: small ones as bytes, big ones zero-copy."""
+    if isinstance(frame, zmq.Frame):
+        return frame.buffer if len(frame) >= serialize.OOB_THRESHOLD else frame.bytes
+    return frame
 
 
 def _fn_name(fn: Any) -> str:

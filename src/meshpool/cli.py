@@ -1,0 +1,156 @@
+"""The ``meshpool`` command: ``scheduler``, ``worker``, ``keygen``.
+
+Every option has an environment variable (``MESHPOOL_<OPTION>``, e.g. ``MESHPOOL_SECURITY``) for
+containers; a command-line option wins over its variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+
+from ._version import __version__
+
+logger = logging.getLogger("meshpool.cli")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"MESHPOOL_{name.upper().replace('-', '_')}", default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshpool", description="Run the parts of a meshpool cluster."
+    )
+    parser.add_argument("--version", action="version", version=f"meshpool {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sched = sub.add_parser("scheduler", help="start a scheduler; prints the address to use")
+    sched.add_argument("--host", default=_env("host", "0.0.0.0"), help="interface to bind")
+    sched.add_argument("--port", type=int, default=int(_env("port", "8786") or 8786))
+    sched.add_argument("--security", default=_env("security"), help="credential directory")
+    sched.add_argument("--insecure", action="store_true", default=bool(_env("insecure")),
+                       help="plain TCP without CURVE: for trusted networks only")
+    sched.add_argument("--log-level", default=_env("log_level", "INFO"))
+
+    work = sub.add_parser("worker", help="start supervised worker processes on this host")
+    work.add_argument("address", nargs="?", default=_env("scheduler"),
+                      help="the scheduler's address, tcp://HOST:PORT")
+    work.add_argument("--nworkers", type=int, default=int(_env("nworkers", "1") or 1))
+    work.add_argument("--nthreads", type=int, default=int(_env("nthreads", "1") or 1))
+    work.add_argument("--memory-limit", default=_env("memory_limit"), help="e.g. 4GB")
+    work.add_argument("--resources", default=_env("resources"), help="e.g. GPU=1,MEM=2e9")
+    work.add_argument("--security", default=_env("security"), help="credential directory")
+    work.add_argument("--insecure", action="store_true", default=bool(_env("insecure")))
+    work.add_argument("--name", default=_env("name"), help="worker name prefix")
+    work.add_argument("--contact-address", default=_env("contact_address"),
+                      help="host name or IP that peers use to reach this host")
+    work.add_argument("--listen-host", default=_env("listen_host", "0.0.0.0"),
+                      help="interface the data sockets bind")
+    work.add_argument("--log-level", default=_env("log_level", "INFO"))
+
+    keygen = sub.add_parser("keygen", help="write a cluster's credentials into DIR")
+    keygen.add_argument("directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "keygen":
+        from .transport.security import Security
+
+        Security.generate(args.directory)
+        print(f"credentials written to {args.directory}")
+        return 0
+    if args.command == "scheduler":
+        return _scheduler(args)
+    return _worker(args)
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    from .scheduler.server import serve_forever
+    from .transport import security as sec
+
+    security = None
+    if args.insecure:
+        logger.warning("INSECURE: plain TCP, any peer that reaches this port can run code here")
+    else:
+        security = sec.scheduler_credentials(args.security, args.host, args.port)
+
+    def ready(address: str) -> None:
+        shown = address.replace("0.0.0.0", sec.public_host())
+        print(f"meshpool scheduler at {shown}", flush=True)
+        if security is not None:
+            print(f"credentials: {security.directory}", flush=True)
+
+    serve_forever(f"tcp://{args.host}:{args.port}", security=security, ready=ready)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .cluster.local import LocalWorkers
+    from .executor.executor import _parse_size
+    from .transport import security as sec
+
+    if not args.address:
+        print("meshpool worker: the scheduler's address is required", file=sys.stderr)
+        return 2
+    security = None
+    if not args.insecure:
+        security = sec.client_credentials(args.security, args.address)
+    stop = threading.Event()
+    restart_failed = threading.Event()
+
+    def on_exit(worker_id: str, code: int) -> None:
+        if not stop.is_set() and not workers.exited(worker_id):
+            restart_failed.set()
+            stop.set()
+
+    resources = {}
+    for item in (args.resources or "").split(","):
+        if item.strip():
+            name, _, amount = item.partition("=")
+            resources[name.strip()] = float(amount)
+    workers = LocalWorkers(
+        count=args.nworkers,
+        scheduler_address=args.address,
+        directory="",
+        prefix=f"{args.name or 'w'}-{uuid.uuid4().hex[:8]}",
+        nthreads=args.nthreads,
+        memory_limit=_parse_size(args.memory_limit),
+        on_exit=on_exit,
+        data_host=args.listen_host,
+        name_prefix=args.name or f"{sec.public_host()}-{os.getpid()}",
+        extra_config={
+            "security": security.to_dict() if security is not None else None,
+            "resources": resources,
+            "contact_address": args.contact_address,
+            "log_level": args.log_level,
+        },
+    )
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    workers.start()
+    print(f"meshpool worker: {args.nworkers} process(es) for {args.address}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    workers.close()
+    if restart_failed.is_set():
+        print("meshpool worker: worker processes keep failing to start", file=sys.stderr)
+        return 1
+    time.sleep(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
