@@ -38,3 +38,15 @@ def big(n):
 
 def identity(x):
     return x
+
+
+INITIALIZED = None
+
+
+def initializer(value):
+    global INITIALIZED
+    INITIALIZED = value
+
+
+def pid_and_initialized(*_):
+    return os.getpid(), INITIALIZED

@@ -26,6 +26,12 @@ _EXPORTS = {
     "FIRST_EXCEPTION": "meshpool.executor.waiting",
     "ALL_COMPLETED": "meshpool.executor.waiting",
     "Security": "meshpool.transport.security",
+    "current_executor": "meshpool.executor.graphs",
+    "get": "meshpool.executor.graphs:module_get",
+    "compute": "meshpool.graph",
+    "delayed": "meshpool.graph",
+    "Delayed": "meshpool.graph",
+    "visualize": "meshpool.graph",
     "MeshpoolError": "meshpool.errors",
     "RemoteError": "meshpool.errors",
     "SerializationError": "meshpool.errors",
@@ -44,10 +50,11 @@ __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    target = _EXPORTS.get(name)
+    if target is None:
         raise AttributeError(f"module 'meshpool' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    module, _, attribute = target.partition(":")
+    value = getattr(importlib.import_module(module), attribute or name)
     globals()[name] = value
     return value
 

@@ -308,6 +308,10 @@ class ClientCore:
         if self.broken is None and key not in self.pending:
             self._send(m.ReleaseKeys([key]))
 
+    def _cmd_release_many(self, keys: list) -> None:
+        if self.broken is None:
+            self._send(m.ReleaseKeys(keys))
+
     def _cmd_cancel(self, keys: list, reply: PlainFuture) -> None:
         request_id = next(self._ids)
         self.requests[request_id] = reply

@@ -26,6 +26,7 @@ from .. import errors
 from .. import messages as m
 from ..transport import serialize
 from ..transport.security import Security
+from . import graphs as _graphs
 from .client import ClientCore
 from .future import Future
 from .waiting import as_completed as _as_completed
@@ -33,6 +34,7 @@ from .waiting import as_completed as _as_completed
 LARGE_ARGUMENTS = 64 * 1024  # arguments bigger than this go straight to a worker as data
 SUBMIT_BATCH = 1000  # tasks per message when map() submits many
 _ATOMIC = (int, float, str, bytes, bool, type(None), complex)
+_REF_TYPES = (Future, _graphs.KeyRef)  # pickled as their keys (persistent ids)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ class Executor(cf.Executor):
         if init_frames is not None:
             core.command("initializer", init_frames)
         self._scatter_turn = itertools.count()
-        _register_current(self)
+        self._context_tokens: list = []
+        _graphs.register(self)
 
     # --- the stdlib contract -----------------------------------------------------------------
 
@@ -203,10 +206,26 @@ class Executor(cf.Executor):
         )
 
     def __enter__(self) -> Executor:
+        self._context_tokens.append(_graphs.enter(self))
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._context_tokens:
+            _graphs.leave(self._context_tokens.pop())
         self.shutdown(wait=True)
+
+    # --- graphs ------------------------------------------------------------------------------
+
+    def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        """Run a dask-style dict graph on the cluster, as one submission; results are shaped
+        like ``dask.get``'s (a list of keys gives a tuple). Accepts dask's HighLevelGraph, so
+        ``dask.compute(x, scheduler=executor.get)`` runs dask collections here."""
+        return _graphs.get(self, dsk, keys, priority=kwargs.pop("priority", 0))
+
+    def compute(self, obj: Any, *more: Any, priority: int = 0) -> Any:
+        """Submit delayed objects; a Future for one, a list of futures for several."""
+        futures = _graphs.compute(self, (obj, *more), priority)
+        return futures[0] if not more else futures
 
     def __repr__(self) -> str:
         where = self._core.address or "local cluster"
@@ -233,22 +252,36 @@ class Executor(cf.Executor):
         return f"{name}-{self._core.prefix}-{next(self._core.counter)}"
 
     def _prepare(
-        self, fn: Callable, args: tuple, kwargs: dict, options: dict | None, key: Any = None
+        self, fn: Callable, args: tuple, kwargs: dict, options: dict | None
     ) -> tuple[Future, tuple, list]:
         """Serialize one call: (future, task row, frames). Raises here on bad input."""
-        if not callable(fn):
-            raise TypeError(f"{fn!r} is not callable")
-        fn_bytes = self._functions.dumps(fn)
         deps = _find_futures(args, kwargs)
         for dep in deps:
             if dep._client is not self._core:
                 raise ValueError(f"{dep!r} belongs to another executor")
-        frames = serialize.dumps(
-            (args, kwargs), ref_type=Future if deps else None, what=f"argument of {fn!r}:"
-        )
-        key = key if key is not None else self._new_key(fn)
-        dep_keys = [d.key for d in deps]
+        key = self._new_key(fn)
         priority = (-(options or {}).get("priority", 0), next(self._core.counter), 0)
+        row, frames = self._prepare_task(fn, args, kwargs, deps, options, key, priority)
+        return Future(key, self._core), row, frames
+
+    def _prepare_task(
+        self,
+        fn: Callable,
+        args: tuple,
+        kwargs: dict,
+        deps: list,
+        options: dict | None,
+        key: Any,
+        priority: tuple,
+    ) -> tuple[tuple, list]:
+        """Serialize one task whose dependencies (futures or key refs) are ``deps``."""
+        if not callable(fn):
+            raise TypeError(f"{fn!r} is not callable")
+        fn_bytes = self._functions.dumps(fn)
+        frames = serialize.dumps(
+            (args, kwargs), ref_type=_REF_TYPES if deps else None, what=f"argument of {fn!r}:"
+        )
+        dep_keys = [d.key for d in deps]
         task_options = _task_options(options)
         if serialize.nbytes(frames) > LARGE_ARGUMENTS:
             args_key = ("args", key)
@@ -256,9 +289,7 @@ class Executor(cf.Executor):
             dep_keys.append(args_key)
             task_options = dict(task_options or {}, args_key=args_key)
             frames = []
-        fut = Future(key, self._core)
-        row = (key, dep_keys, 1 + len(frames), priority, task_options)
-        return fut, row, [fn_bytes, *frames]
+        return (key, dep_keys, 1 + len(frames), priority, task_options), [fn_bytes, *frames]
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, options: dict | None) -> Future:
         with self._shutdown_lock:
@@ -492,13 +523,3 @@ def _parse_size(value: int | str | None) -> int | None:
     if unit not in _UNITS or not number:
         raise ValueError(f"cannot read {value!r} as a size (e.g. '2GB', '512MiB')")
     return int(float(number) * _UNITS[unit])
-
-
-# --- the current executor -----------------------------------------------------------------
-
-_recent: list[weakref.ref] = []
-
-
-def _register_current(executor: Executor) -> None:
-    _recent.append(weakref.ref(executor))
-    del _recent[:-16]

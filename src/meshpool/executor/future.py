@@ -118,8 +118,8 @@ class Future(_base.Future):
         if type(value) is Packed:
             return self._unpack(value.frames)
         if type(value) is Remote:
-            frames = await asyncio.wrap_future(self._client.fetch_async(self.key))
-            return self._unpack(frames)
+            frames_by_key = await asyncio.wrap_future(self._client.fetch_async(self.key))
+            return self._unpack(frames_by_key[self.key])
         return value
 
     # --- cancellation ------------------------------------------------------------------------

@@ -334,8 +334,8 @@ def toposort(dsk: Graph, dependencies: Mapping[Key, Iterable[Key]] | None = None
     ...
     meshpool.graph.core.CycleError: cycle in graph: 'a' -> 'b' -> 'a'
     """
-    if dependencies is None:
-        dependencies, _ = get_deps(dsk)
+    if dependencies is None:  # lists, not sets: the same order in every process
+        dependencies = {k: _refs(v, dsk) for k, v in dsk.items()}
     return _dfs_postorder(dsk, dependencies)
 
 
@@ -431,7 +431,7 @@ def run_task(comp: Any, keys: Sequence[Key], *values: Any) -> Any:
     >>> run_task((list, 'a'), ['a'], (len, 'xyz'))  # the value is not interpreted
     [<built-in function len>, 'xyz']
     """
-    return execute_task(comp, dict(zip(keys, values)))
+    return execute_task(comp, dict(zip(keys, values, strict=True)))
 
 
 def substitute_keys(comp: Any, mapping: Mapping[Key, Any]) -> Any:

@@ -70,7 +70,7 @@ class NodeCall:
         self.keys = tuple(keys)
 
     def __call__(self, *values: Any) -> Any:
-        return self.node(dict(zip(self.keys, values)))
+        return self.node(dict(zip(self.keys, values, strict=True)))
 
     @property
     def __name__(self) -> str:  # read by funcname() for labels

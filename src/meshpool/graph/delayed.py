@@ -268,7 +268,7 @@ def _unary(op: Callable[[Any], Any]) -> Callable[[Delayed], Delayed]:
     return method
 
 
-_BINARY_OPS = {
+_ARITHMETIC: dict[str, Callable[[Any, Any], Any]] = {
     "add": operator.add,
     "sub": operator.sub,
     "mul": operator.mul,
@@ -283,14 +283,26 @@ _BINARY_OPS = {
     "lshift": operator.lshift,
     "rshift": operator.rshift,
 }
-for _name, _op in _BINARY_OPS.items():
+_COMPARISONS: dict[str, Callable[[Any, Any], Any]] = {
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "eq": operator.eq,
+    "ne": operator.ne,
+}
+_UNARY: dict[str, Callable[[Any], Any]] = {
+    "neg": operator.neg,
+    "pos": operator.pos,
+    "invert": operator.invert,
+    "abs": operator.abs,
+}
+for _name, _op in _ARITHMETIC.items():
     setattr(Delayed, f"__{_name}__", _binary(_op))
     setattr(Delayed, f"__r{_name}__", _reflected(_op))
-for _name, _op in {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge,
-                   "eq": operator.eq, "ne": operator.ne}.items():  # fmt: skip
+for _name, _op in _COMPARISONS.items():
     setattr(Delayed, f"__{_name}__", _binary(_op))
-for _name, _uop in {"neg": operator.neg, "pos": operator.pos, "invert": operator.invert,
-                    "abs": operator.abs}.items():  # fmt: skip
+for _name, _uop in _UNARY.items():
     setattr(Delayed, f"__{_name}__", _unary(_uop))
 
 
@@ -433,4 +445,4 @@ def compute(
         return tuple(args)
     dsk, keys = merge_graphs(targets), [d._key for d in targets]
     results = resolve_scheduler(scheduler)(dsk, keys, **kwargs)
-    return tuple(a if i < 0 else results[i] for a, i in zip(args, slots))
+    return tuple(a if i < 0 else results[i] for a, i in zip(args, slots, strict=True))

@@ -171,9 +171,7 @@ def visualize(obj: Any, filename: str = "graph", format: str | None = None) -> l
         return written
     dot = shutil.which("dot")
     if dot is None:
-        warnings.warn(
-            f"Graphviz 'dot' is not on PATH: wrote {dot_path} but no {fmt}", stacklevel=2
-        )
+        warnings.warn(f"Graphviz 'dot' is not on PATH: wrote {dot_path} but no {fmt}", stacklevel=2)
         return written
     out_path = f"{base}.{fmt}"
     subprocess.run([dot, f"-T{fmt}", dot_path, "-o", out_path], check=True)

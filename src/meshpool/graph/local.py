@@ -27,6 +27,7 @@ import os
 import queue
 from collections.abc import Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from .core import Key, execute_task, flatten, get_dependencies, validate_keys
@@ -85,6 +86,10 @@ def _run_inline(
     return results
 
 
+def _report(done: queue.SimpleQueue[tuple[Key, Future[Any]]], key: Key, fut: Future[Any]) -> None:
+    done.put((key, fut))
+
+
 def _run_pool(
     dsk: Mapping[Key, Any],
     deps: Mapping[Key, set[Key]],
@@ -112,7 +117,7 @@ def _run_pool(
                 key = by_priority[heapq.heappop(ready)]
                 inputs = {d: results[d] for d in deps[key]}
                 fut = pool.submit(execute_task, dsk[key], inputs)
-                fut.add_done_callback(lambda f, key=key: done.put((key, f)))
+                fut.add_done_callback(partial(_report, done, key))
                 in_flight += 1
             key, fut = done.get()
             in_flight -= 1

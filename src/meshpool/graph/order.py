@@ -61,16 +61,14 @@ def sorted_keys(keys: Iterable[Key]) -> list[Key]:
     >>> sorted_keys([('x', 10), ('x', 2)]), sorted_keys(['b', ('a', 1), 'a'])
     ([('x', 2), ('x', 10)], ['a', 'b', ('a', 1)])
     """
-    keys = list(keys)
+    keys = list[Any](keys)
     try:  # one shape of key (all str, or all ('name', i, j)): compare as they are
-        return sorted(keys)
+        return sorted(keys)  # type: ignore[type-var]
     except TypeError:
         return sorted(keys, key=sort_key)
 
 
-def heights(
-    topo: Iterable[Key], dependencies: Mapping[Key, Iterable[Key]]
-) -> dict[Key, int]:
+def heights(topo: Iterable[Key], dependencies: Mapping[Key, Iterable[Key]]) -> dict[Key, int]:
     """The longest chain of dependencies below each key (0 for a leaf); ``topo`` is toposorted.
 
     >>> heights(['a', 'b', 'c', 'd'], {'a': [], 'b': ['a'], 'c': [], 'd': ['b', 'c']})
@@ -84,9 +82,7 @@ def heights(
     return h
 
 
-def order(
-    dsk: Graph, dependencies: Mapping[Key, Iterable[Key]] | None = None
-) -> dict[Key, int]:
+def order(dsk: Graph, dependencies: Mapping[Key, Iterable[Key]] | None = None) -> dict[Key, int]:
     """Priority of every key of ``dsk`` (0 runs first); dependencies always come first.
 
     Raises :class:`~meshpool.graph.core.CycleError` on a cycle. ``dependencies`` may be passed
@@ -103,7 +99,7 @@ def order(
     """
     deps: Mapping[Key, Collection[Key]]
     if dependencies is None:
-        deps = {k: set(_refs(v, dsk)) for k, v in dsk.items()}
+        deps = {k: _refs(v, dsk) for k, v in dsk.items()}  # repeats are harmless
     elif all(d in dsk for ds in dependencies.values() for d in ds):
         deps = {k: dependencies.get(k, ()) for k in dsk}  # type: ignore[misc]
     else:

@@ -47,7 +47,7 @@ def _oob_collector(buffers: list) -> Callable[[pickle.PickleBuffer], bool]:
 class _KeyPickler(pickle.Pickler):
     """Pickles objects of ``ref_type`` as persistent ids (their ``key``)."""
 
-    ref_type: type = type(None)
+    ref_type: type | tuple = type(None)
 
     def persistent_id(self, obj: Any) -> Any:  # noqa: D401 - pickle hook
         if isinstance(obj, self.ref_type):
@@ -56,7 +56,7 @@ class _KeyPickler(pickle.Pickler):
 
 
 class _KeyCloudPickler(cloudpickle.CloudPickler):
-    ref_type: type = type(None)
+    ref_type: type | tuple = type(None)
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, self.ref_type):
@@ -64,7 +64,7 @@ class _KeyCloudPickler(cloudpickle.CloudPickler):
         return None
 
 
-def _dump_with(pickler_cls: type, obj: Any, buffers: list, ref_type: type | None) -> bytes:
+def _dump_with(pickler_cls: type, obj: Any, buffers: list, ref_type: Any) -> bytes:
     out = io.BytesIO()
     pickler = pickler_cls(out, protocol=5, buffer_callback=_oob_collector(buffers))
     if ref_type is not None:
@@ -73,7 +73,7 @@ def _dump_with(pickler_cls: type, obj: Any, buffers: list, ref_type: type | None
     return out.getvalue()
 
 
-def dumps(obj: Any, ref_type: type | None = None, what: str = "object") -> Frames:
+def dumps(obj: Any, ref_type: Any = None, what: str = "object") -> Frames:
     """Serialize ``obj`` into ``[pickle, *buffers]``; raise SerializationError naming it."""
     buffers: list = []
     try:

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+import traceback
 
 
 def _watch_parent(cleanup: list[str], cleanup_dir: str | None) -> None:
@@ -58,17 +59,28 @@ def main() -> None:
         name="meshpool-parent-watch",
         daemon=True,
     ).start()
-    worker = Worker(
-        config["scheduler"],
-        worker_id=config["worker_id"],
-        name=config["name"],
-        nthreads=config.get("nthreads", 1),
-        data_address=data_address,
-        contact_address=config.get("contact_address"),
-        memory_limit=config.get("memory_limit") or 0,
-        resources=config.get("resources") or {},
-        security=security,
-    )
+    try:
+        worker = Worker(
+            config["scheduler"],
+            worker_id=config["worker_id"],
+            name=config["name"],
+            nthreads=config.get("nthreads", 1),
+            data_address=data_address,
+            contact_address=config.get("contact_address"),
+            memory_limit=config.get("memory_limit") or 0,
+            resources=config.get("resources") or {},
+            security=security,
+        )
+    except BaseException:
+        # A cluster shut down while we were still starting removes its private directory, and
+        # binding our socket there fails: that is no error worth a traceback.
+        cleanup_dir = config.get("cleanup_dir")
+        if not (cleanup_dir and not os.path.isdir(cleanup_dir)):
+            traceback.print_exc()
+            sys.stderr.flush()
+        # os._exit, not a normal exit: the parent-watch thread may be blocked reading stdin,
+        # and interpreter shutdown would then abort on stdin's lock ("Fatal Python error").
+        os._exit(1)
     try:
         worker.run()
     finally:

@@ -1,0 +1,176 @@
+"""Dict graphs and delayed objects on the cluster, and "the current executor".
+
+``Executor.get(dsk, keys)`` submits a whole dask-style graph at once: each key becomes one task
+``run_task(computation, dependency_keys, *dependency_refs)`` whose dependencies are the tasks of
+the keys it refers to. Only the requested keys get futures; the others are submitted as internal
+keys that the scheduler forgets as soon as no pending task needs them, so a reduction over a large
+graph frees its intermediates as it goes. Priorities come from :func:`meshpool.graph.order`
+(depth-first, memory-friendly), after the executor's own ``priority`` option.
+
+"The current executor" is, in order: inside a task, the worker's handle to its own cluster;
+else the innermost ``with Executor()`` block; else the most recently created executor still
+running; else none (``meshpool.get``/``compute`` then use threads in this process).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from ..graph import (
+    collections_to_dsk,
+    cull,
+    flatten,
+    order,
+    pack_results,
+    run_task,
+    set_get_provider,
+    to_plain_graph,
+    toposort,
+    validate_keys,
+)
+from .future import Future
+
+if TYPE_CHECKING:
+    from .executor import Executor
+
+GRAPH_BATCH = 10_000  # tasks per submit message for large graphs
+
+
+class KeyRef:
+    """A reference to an internal key of a submitted graph (pickled as its key, like a Future)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+
+
+def submit_graph(
+    executor: Executor, dsk: Any, keys: Any, priority: int = 0
+) -> dict[Any, Future]:
+    """Submit the part of ``dsk`` that ``keys`` need; return a future per requested key."""
+    dsk = to_plain_graph(dsk)
+    validate_keys(dsk, keys)
+    dependencies = cull(dsk, keys)
+    graph = {k: dsk[k] for k in dependencies}
+    ranks = order(graph, dependencies=dependencies)
+    submission = toposort(graph, dependencies=dependencies)  # raises CycleError naming the keys
+    wanted = set(flatten([keys]))
+    token = f"graph-{uuid.uuid4().hex[:12]}"
+    core = executor._core
+    batch = next(core.counter)
+    refs: dict[Any, Any] = {}
+    futures: dict[Any, Future] = {}
+    internal: list = []
+    rows: list = []
+    frames: list = []
+    new_futures: list[Future] = []
+    with executor._shutdown_lock:
+        executor._check_open()
+        for key in submission:
+            cluster_key = (token, key)
+            deps = sorted(dependencies[key], key=repr)
+            dep_refs = [refs[d] for d in deps]
+            row, task_frames = executor._prepare_task(
+                run_task,
+                (graph[key], deps, *dep_refs),
+                {},
+                dep_refs,
+                None,
+                cluster_key,
+                (-priority, batch, ranks[key]),
+            )
+            if key in wanted:
+                fut = refs[key] = futures[key] = Future(cluster_key, core)
+                new_futures.append(fut)
+            else:  # an internal key: no future; released once the whole graph is submitted
+                refs[key] = KeyRef(cluster_key)
+                internal.append(cluster_key)
+            rows.append(row)
+            frames.extend(task_frames)
+            if len(rows) >= GRAPH_BATCH:
+                core.command("submit", rows, frames, new_futures)
+                rows, frames, new_futures = [], [], []
+        if rows:
+            core.command("submit", rows, frames, new_futures)
+        if internal:
+            core.command("release-many", internal)
+    return futures
+
+
+def get(executor: Executor, dsk: Any, keys: Any, priority: int = 0, **kwargs: Any) -> Any:
+    """Run a dict graph on the cluster; results shaped like ``dask.get``'s."""
+    futures = submit_graph(executor, dsk, keys, priority)
+    ordered = list(futures)
+    values = executor.gather([futures[k] for k in ordered])
+    return pack_results(keys, dict(zip(ordered, values)))
+
+
+def compute(executor: Executor, objs: tuple, priority: int = 0) -> list[Future]:
+    dsk, keys = collections_to_dsk(list(objs))
+    futures = submit_graph(executor, dsk, keys, priority)
+    return [futures[k] for k in keys]
+
+
+# --- the current executor -------------------------------------------------------------------
+
+_current: contextvars.ContextVar[Executor | None] = contextvars.ContextVar(
+    "meshpool_current_executor", default=None
+)
+_recent: list[weakref.ref] = []
+_task_executor: Any = None  # set inside worker processes (tasks that submit tasks)
+
+
+def register(executor: Executor) -> None:
+    _recent.append(weakref.ref(executor))
+    del _recent[:-32]
+
+
+def enter(executor: Executor) -> contextvars.Token:
+    return _current.set(executor)
+
+
+def leave(token: contextvars.Token) -> None:
+    try:
+        _current.reset(token)
+    except ValueError:  # left in another context (e.g. another task): just clear
+        _current.set(None)
+
+
+def _usable(executor: Executor | None) -> bool:
+    return executor is not None and not executor._shutdown and executor._core.broken is None
+
+
+def current_executor() -> Executor | None:
+    """The executor ``meshpool.get``/``compute`` use here, or None."""
+    if _task_executor is not None:
+        return _task_executor() if callable(_task_executor) else _task_executor
+    executor = _current.get()
+    if _usable(executor):
+        return executor
+    for ref in reversed(_recent):
+        executor = ref()
+        if _usable(executor):
+            return executor
+    return None
+
+
+def _current_get() -> Any:
+    executor = current_executor()
+    return executor.get if executor is not None else None
+
+
+set_get_provider(_current_get)
+
+
+def module_get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """``meshpool.get``: on the current executor, else with threads in this process."""
+    from ..graph import get_local
+
+    executor = current_executor()
+    if executor is None:
+        return get_local(dsk, keys, **kwargs)
+    return executor.get(dsk, keys, **kwargs)
