@@ -65,7 +65,9 @@ class LocalWorkers:
         self.failed_starts = 0
         self.closing = False
         self._generation = 0
-        self._lock = threading.Lock()
+        # Reentrant: exited() spawns the replacement while holding it, so that close() (which
+        # takes it to set ``closing``) can never miss a worker spawned during shutdown.
+        self._lock = threading.RLock()
 
     def start(self) -> None:
         for index in range(self.count):
@@ -100,6 +102,7 @@ class LocalWorkers:
             [sys.executable, "-m", "meshpool.worker"],
             stdin=subprocess.PIPE,
             close_fds=True,
+            env=_worker_environment(),
             **kwargs,
         )
         assert process.stdin is not None
@@ -127,18 +130,18 @@ class LocalWorkers:
         """Forget an exited process and restart it; False once starts keep failing."""
         with self._lock:
             wp = self.processes.pop(worker_id, None)
-        if wp is None or self.closing:
-            return True
-        if wp.process.stdin is not None:
-            try:
-                wp.process.stdin.close()
-            except OSError:
-                pass
-        if not wp.registered:
-            self.failed_starts += 1
-            if self.failed_starts >= MAX_FAILED_STARTS:
-                return False
-        self._spawn(wp.index)
+            if wp is None or self.closing:
+                return True
+            if wp.process.stdin is not None:
+                try:
+                    wp.process.stdin.close()
+                except OSError:
+                    pass
+            if not wp.registered:
+                self.failed_starts += 1
+                if self.failed_starts >= MAX_FAILED_STARTS:
+                    return False
+            self._spawn(wp.index)
         return True
 
     def pids(self) -> list[int]:
@@ -146,8 +149,8 @@ class LocalWorkers:
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop every worker: close their stdin (they exit), then kill any that linger."""
-        self.closing = True
         with self._lock:
+            self.closing = True
             procs = list(self.processes.values())
         for wp in procs:
             if wp.process.stdin is not None:
@@ -162,3 +165,15 @@ class LocalWorkers:
             except subprocess.TimeoutExpired:
                 wp.process.kill()
                 wp.process.wait()
+
+
+def _worker_environment() -> dict[str, str]:
+    """The caller's environment, plus glibc malloc settings that let workers give freed memory
+    back to the system (as dask's nanny does): without them a worker that freed many large
+    results keeps their pages, and its RSS never comes back down."""
+    env = dict(os.environ)
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
+    # a fixed threshold stops glibc raising it after a big free, which sends later big blocks
+    # to heaps where holes are never returned
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
+    return env

@@ -666,7 +666,9 @@ class SchedulerState:
     def slot_capacity(self) -> int:
         """Tasks a slot may hold: the one it runs plus a prefetch queue covering a little work."""
         per_thread = PREFETCH_SECONDS / max(self._mean_duration, 1e-6)
-        return 1 + max(1, min(MAX_PREFETCH_PER_THREAD, int(per_thread)))
+        # no prefetch for tasks longer than the window: idle time is then a small share of the
+        # task, and fewer tasks in flight keeps memory low on reductions
+        return 1 + min(MAX_PREFETCH_PER_THREAD, int(per_thread))
 
     def _open_slot(self, ws: WorkerState, capacity: int) -> int:
         """The least loaded ready slot of ``ws`` with room, or -1."""
@@ -708,6 +710,8 @@ class SchedulerState:
             for dts in ts.dependencies:
                 if ws not in dts.who_has:
                     cost += dts.nbytes / BANDWIDTH
+            # ties (common: no inputs, or inputs split evenly) go to the worker holding less
+            cost += ws.nbytes * 1e-18
             if cost < best_cost:
                 best, best_cost = ws, cost
         return best
