@@ -128,6 +128,14 @@ class Ping:
 
 
 @_message
+class GetSchedulerInfo:
+    """Answered by the scheduler's shell: pid, bytes moved, task and worker counts."""
+
+    op: ClassVar[str] = "get-scheduler-info"
+    request_id: int
+
+
+@_message
 class GetWorkers:
     op: ClassVar[str] = "get-workers"
     request_id: int
@@ -221,9 +229,13 @@ class FreeKeys:
 
 @_message
 class CancelCompute:
+    """Take back a task sent to ``slot`` if it has not started (sent to the worker's control
+    connection, whose thread never runs user code, so it answers at once)."""
+
     op: ClassVar[str] = "cancel-compute"
     request_id: int
     key: Key
+    slot: int
 
 
 @_message
@@ -289,6 +301,16 @@ class MissingData:
     key: Key
     dependency: Key
     address: str
+
+
+@_message
+class CancelComputeReply:
+    """The answer to a CancelCompute: ``cancelled`` if the task had not started (it never will)."""
+
+    op: ClassVar[str] = "cancel-compute-reply"
+    key: Key
+    slot: int
+    cancelled: bool
 
 
 @_message

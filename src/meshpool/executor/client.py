@@ -92,6 +92,9 @@ class ClientCore:
         self._wake_pending = False
         self._fds_closed = False
         self.pending: dict[Any, Future] = {}
+        # key -> dependency keys while the key is held (written by callers at submit, pruned
+        # here on release): what visualize() draws for futures
+        self.lineage: dict[Any, list] = {}
         self.remote_done: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.requests: dict[int, PlainFuture] = {}
         self.fetches: dict[int, _Fetch] = {}
@@ -218,7 +221,19 @@ class ClientCore:
         return reply
 
     def graph_of(self, keys: list) -> dict:
-        return {key: (str(key), []) for key in keys}
+        """``{key: (function name, dependency keys)}`` for ``keys`` and what they were made of,
+        as far as this client still remembers (dependencies of live futures)."""
+        lineage = dict(self.lineage)  # a snapshot: the I/O thread may be updating it
+        graph: dict = {}
+        stack = list(keys)
+        while stack:
+            key = stack.pop()
+            if key in graph:
+                continue
+            deps = list(lineage.get(key, ()))
+            graph[key] = (_function_name(key), deps)
+            stack.extend(deps)
+        return graph
 
     def close(self, wait: bool, cancel_futures: bool) -> None:
         self.command("close", cancel_futures)
@@ -305,10 +320,13 @@ class ClientCore:
         self._send(m.SubmitTasks(rows, frames))
 
     def _cmd_release(self, key: Any) -> None:
+        self.lineage.pop(key, None)
         if self.broken is None and key not in self.pending:
             self._send(m.ReleaseKeys([key]))
 
     def _cmd_release_many(self, keys: list) -> None:
+        for key in keys:
+            self.lineage.pop(key, None)
         if self.broken is None:
             self._send(m.ReleaseKeys(keys))
 
@@ -647,6 +665,14 @@ class ClientCore:
             except OSError:
                 pass
         _live_cores.discard(self)
+
+
+def _function_name(key: Any) -> str:
+    """Task keys read ``name-prefix-n``; graph keys ``(token, key)``."""
+    if isinstance(key, tuple) and len(key) == 2 and str(key[0]).startswith("graph-"):
+        return str(key[1])
+    text = str(key)
+    return text.rsplit("-", 2)[0] if text.count("-") >= 2 else text
 
 
 def _bytes_or_buffer(frame: zmq.Frame) -> Any:

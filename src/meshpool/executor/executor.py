@@ -179,7 +179,15 @@ class Executor(cf.Executor):
     @property
     def scheduler_pid(self) -> int | None:
         """The scheduler's process id when it runs apart from this process, else None."""
-        return None
+        if self._core.server is not None:
+            return None
+        return self._scheduler_info()["pid"]
+
+    def _scheduler_info(self) -> dict:
+        core = self._core
+        if core.server is not None:
+            return core.server.info()
+        return core.request(m.GetSchedulerInfo, core.timeout)
 
     @property
     def address(self) -> str:
@@ -187,22 +195,20 @@ class Executor(cf.Executor):
         return core.address if core.address is not None else core.server.address
 
     def statistics(self) -> ExecutorStatistics:
+        """Counters of this executor, and bytes the scheduler sent and received (all clients'
+        traffic for a shared scheduler). Bulk data moves between workers and is not counted."""
         core = self._core
         stats = dict(core.stats)
-        server = core.server
-        if server is not None:
-            sched_sent, sched_recv = server.bytes_sent, server.bytes_received
-        else:
-            sched_sent = sched_recv = -1
+        info = self._scheduler_info()
         return ExecutorStatistics(
             submitted=stats["submitted"],
             finished=stats["finished"],
             pending=len(core.pending),
-            workers=len(server.state.workers) if server is not None else -1,
+            workers=info["workers"],
             client_bytes_sent=stats["client_bytes_sent"],
             client_bytes_received=stats["client_bytes_received"],
-            scheduler_bytes_sent=sched_sent,
-            scheduler_bytes_received=sched_recv,
+            scheduler_bytes_sent=info["bytes_sent"],
+            scheduler_bytes_received=info["bytes_received"],
         )
 
     def __enter__(self) -> Executor:
@@ -262,6 +268,8 @@ class Executor(cf.Executor):
         key = self._new_key(fn)
         priority = (-(options or {}).get("priority", 0), next(self._core.counter), 0)
         row, frames = self._prepare_task(fn, args, kwargs, deps, options, key, priority)
+        if deps:
+            self._core.lineage[key] = row[1]
         return Future(key, self._core), row, frames
 
     def _prepare_task(

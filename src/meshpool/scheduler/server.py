@@ -14,6 +14,7 @@ Liveness: every :data:`PING_INTERVAL` the server pings each peer. Because the RO
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -64,6 +65,16 @@ class SchedulerServer:
 
     def close(self) -> None:
         self.router.close(linger=0)
+
+    def info(self) -> dict:
+        return {
+            "pid": os.getpid(),
+            "address": self.address,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "tasks": len(self.state.tasks),
+            "workers": len(self.state.workers),
+        }
 
     # --- in-process client -------------------------------------------------------------------
 
@@ -122,7 +133,9 @@ class SchedulerServer:
             self._unresponsive.discard(peer)
             self._send_all(self.state.handle_worker(peer, msg))
         elif kind == "client":
-            if isinstance(msg, m.ClientClosing):
+            if isinstance(msg, m.GetSchedulerInfo):
+                self._send(peer, m.Reply(msg.request_id, self.info()))
+            elif isinstance(msg, m.ClientClosing):
                 self._kind.pop(peer, None)
                 self._send_all(self.state.remove_client(peer))
             else:

@@ -33,6 +33,7 @@ still needed; scattered data has no spec and fails with DataLost.
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import math
 from collections import deque
@@ -51,6 +52,9 @@ MAX_PREFETCH_PER_THREAD = 32  # ...but never more tasks than this per thread
 DEFAULT_DURATION = 0.0005  # mean task duration assumed before any has been measured
 DURATION_WEIGHT = 0.1  # weight of the newest duration in the moving average
 KILLED_WORKER_LIMIT = 3  # a task running on this many dying workers is a poison task
+# An idle worker steals a queued task only if that moves at most this many input bytes: more
+# could cost longer than waiting for the busy worker (whose running task's length we don't know).
+STEAL_MAX_BYTES = int(0.01 * BANDWIDTH)
 
 WAITING, READY, PROCESSING, MEMORY, ERRED, CANCELLED, NO_WORKER = (
     "waiting",
@@ -88,6 +92,7 @@ class TaskState:
         "suspicious",
         "slot",
         "restrictions",
+        "recall",
     )
 
     def __init__(self, key: Any, spec: list | None, priority: Any, options: dict | None) -> None:
@@ -109,9 +114,36 @@ class TaskState:
         self.suspicious = 0
         self.slot = -1
         self.restrictions = _restrictions(options)
+        self.recall: _Recall | None = None  # asked the worker to take it back; no answer yet
 
     def __repr__(self) -> str:
         return f"<TaskState {self.key!r} {self.state}>"
+
+
+class _CancelRequest:
+    """A client's CancelKeys, answered once every worker asked about its keys has replied."""
+
+    __slots__ = ("client_id", "request_id", "cancelled", "outstanding")
+
+    def __init__(self, client_id: str, request_id: int) -> None:
+        self.client_id = client_id
+        self.request_id = request_id
+        self.cancelled: list = []
+        self.outstanding = 0
+
+
+class _Recall:
+    """A task queued on a slot that we asked the worker to take back (CancelCompute).
+
+    ``cancel``: a client cancels it; else it is being stolen for ``thief`` (worker id, slot).
+    """
+
+    __slots__ = ("cancel", "thief", "requests")
+
+    def __init__(self, cancel: bool, thief: tuple[str, int] | None = None) -> None:
+        self.cancel = cancel
+        self.thief = thief
+        self.requests: list[_CancelRequest] = []
 
 
 def _restrictions(options: dict | None) -> tuple | None:
@@ -190,6 +222,7 @@ class SchedulerState:
         self._ready: list = []  # heap of (priority, seq, TaskState); stale entries skipped
         self._seq = 0
         self._no_worker: set[TaskState] = set()
+        self._thieves: set[tuple[str, int]] = set()  # idle slots waiting for a stolen task
         self._mean_duration = DEFAULT_DURATION
         self._out: Outgoing = []
         self._client_handlers = {
@@ -210,6 +243,7 @@ class SchedulerState:
             m.InitializerErred: self._worker_initializer_erred,
             m.AddKeys: self._worker_add_keys,
             m.SlotHello: self._worker_slot_hello,
+            m.CancelComputeReply: self._worker_cancel_reply,
             m.Heartbeat: self._worker_heartbeat,
         }
 
@@ -252,9 +286,13 @@ class SchedulerState:
                 self._data_lost(ts, ws)
         ws.has_what.clear()
         executing = {q[0] for q in ws.slots if q}
+        recalled: list[tuple[TaskState, _Recall]] = []
         for ts in sorted(ws.processing, key=lambda t: t.priority):
             ts.processing_on = None
             ts.slot = -1
+            if ts.recall is not None:
+                recalled.append((ts, ts.recall))
+                ts.recall = None
             if ts.state != PROCESSING:
                 continue
             if ts in executing:
@@ -269,6 +307,11 @@ class SchedulerState:
         ws.processing.clear()
         for q in ws.slots:
             q.clear()
+        self._thieves = {t for t in self._thieves if t[0] != worker_id}
+        for ts, recall in recalled:  # the worker never answered: it did not start them here
+            ts.recall = recall
+            cancel = recall.cancel and ts.state not in _FINISHED
+            self._end_recall(ts, self._cancel(ts) if cancel else [])
         self._dispatch()
         return self._flush()
 
@@ -340,23 +383,48 @@ class SchedulerState:
                 self._maybe_forget(ts)
 
     def _client_cancel(self, client_id: str, msg: m.CancelKeys) -> None:
-        """Cancel what no worker has started: not yet sent, or queued behind a slot's task."""
-        cancelled: list = []
+        """Cancel what no worker has started: not yet sent, or queued behind a slot's task.
+
+        A task queued on a slot may in fact have started (the slot's ComputeDone for the task
+        before it can still be on the way), so the worker decides: the reply waits for its
+        CancelComputeReply. The slot's first task is taken to be running and is left alone.
+        """
+        request = _CancelRequest(client_id, msg.request_id)
         for key in msg.keys:
             ts = self.tasks.get(key)
             if ts is None:
                 continue
             if ts.state in (WAITING, READY, NO_WORKER):
-                cancelled.extend(t.key for t in self._cancel(ts))
+                request.cancelled.extend(t.key for t in self._cancel(ts))
             elif ts.state == PROCESSING and ts.processing_on is not None:
                 ws = ts.processing_on
                 queue = ws.slots[ts.slot]
                 if queue and queue[0] is not ts:  # queued behind the executing task
-                    self._send(f"{ws.id}/{ts.slot}", m.CancelCompute(msg.request_id, ts.key))
-                    self._release_slot(ts, ws)
-                    cancelled.extend(t.key for t in self._cancel(ts))
-        self._out.append((client_id, m.CancelReply(msg.request_id, cancelled)))
+                    if ts.recall is None:
+                        ts.recall = _Recall(cancel=True)
+                        self._send(ws.id, m.CancelCompute(msg.request_id, ts.key, ts.slot))
+                    ts.recall.cancel = True
+                    ts.recall.requests.append(request)
+                    request.outstanding += 1
+        if not request.outstanding:
+            self._answer_cancel(request)
         self._dispatch()
+
+    def _answer_cancel(self, request: _CancelRequest) -> None:
+        self._out.append((request.client_id, m.CancelReply(request.request_id, request.cancelled)))
+
+    def _end_recall(self, ts: TaskState, cancelled: list[TaskState]) -> None:
+        """A recalled task's fate is known: answer the cancel requests waiting on it."""
+        recall, ts.recall = ts.recall, None
+        if recall is None:
+            return
+        if recall.thief is not None:
+            self._thieves.discard(recall.thief)
+        for request in recall.requests:
+            request.cancelled.extend(t.key for t in cancelled)
+            request.outstanding -= 1
+            if request.outstanding == 0:
+                self._answer_cancel(request)
 
     def _client_who_has(self, client_id: str, msg: m.WhoHas) -> None:
         locations = {}
@@ -421,6 +489,7 @@ class SchedulerState:
                 self._send(ws.id, m.FreeKeys([msg.key]))
             return
         self._mean_duration += DURATION_WEIGHT * (msg.duration - self._mean_duration)
+        slot = ts.slot
         self._release_slot(ts, ws)
         ts.state = MEMORY
         ts.nbytes = msg.nbytes
@@ -435,6 +504,7 @@ class SchedulerState:
                 self._push_ready(dep)
         self._finish_dependencies(ts)
         self._maybe_forget(ts)
+        self._chain(ws, slot)
         self._dispatch()
 
     def _worker_erred(self, ws: WorkerState, msg: m.ComputeErred) -> None:
@@ -496,6 +566,42 @@ class SchedulerState:
                 if not dep.waiting_on and dep.state == WAITING:
                     self._push_ready(dep)
             self._maybe_forget(ts)
+        self._dispatch()
+
+    def _worker_cancel_reply(self, ws: WorkerState, msg: m.CancelComputeReply) -> None:
+        ts = self.tasks.get(msg.key)
+        if (
+            ts is None
+            or ts.recall is None
+            or ts.state != PROCESSING
+            or ts.processing_on is not ws
+            or ts.slot != msg.slot
+        ):
+            return  # stale: the task finished, failed or moved meanwhile
+        recall = ts.recall
+        if not msg.cancelled:  # it had started: it runs to completion where it is
+            self._end_recall(ts, [])
+            self._dispatch()
+            return
+        ts.recall = None  # _release_slot must not answer for it
+        self._release_slot(ts, ws)
+        ts.recall = recall
+        if recall.cancel:
+            self._end_recall(ts, self._cancel(ts))
+        else:
+            self._end_recall(ts, [])
+            thief = self.workers.get(recall.thief[0]) if recall.thief else None
+            slot = recall.thief[1] if recall.thief else -1
+            if (
+                thief is not None
+                and slot in thief.ready_slots
+                and not thief.slots[slot]
+                and self._fits(ts, thief)
+                and self._has_room(ts, thief)
+            ):
+                self._assign(ts, thief, slot)
+            else:
+                self._push_ready(ts)
         self._dispatch()
 
     def _worker_slot_hello(self, ws: WorkerState, msg: m.SlotHello) -> None:
@@ -560,6 +666,8 @@ class SchedulerState:
         if resources:
             for name, amount in resources.items():
                 ws.used_resources[name] = ws.used_resources.get(name, 0) - amount
+        if ts.recall is not None:  # it finished or failed before the worker answered
+            self._end_recall(ts, [])
 
     def _finish_dependencies(self, ts: TaskState) -> None:
         for dts in ts.dependencies:
@@ -574,6 +682,8 @@ class SchedulerState:
             if t.state in _FINISHED:
                 continue
             if t.processing_on is not None:
+                if t is not ts:  # a dependent chained behind its input: withdraw it
+                    self._send(f"{t.processing_on.id}/{t.slot}", m.CancelCompute(0, t.key))
                 self._release_slot(t, t.processing_on)
             t.state = ERRED
             t.error = error
@@ -613,7 +723,7 @@ class SchedulerState:
                 continue
             if t.processing_on is not None and t is not ts:
                 # a dependent already on a worker: it cannot run without its input anyway
-                self._send(f"{t.processing_on.id}/{t.slot}", m.CancelCompute(0, t.key))
+                self._send(t.processing_on.id, m.CancelCompute(0, t.key, t.slot))
                 self._release_slot(t, t.processing_on)
             t.state = CANCELLED
             self._no_worker.discard(t)
@@ -717,9 +827,15 @@ class SchedulerState:
         return best
 
     def _dispatch(self) -> None:
-        """Hand ready tasks, best priority first, to workers with room."""
-        if not self._ready or not self.workers:
+        """Hand ready tasks, best priority first, to workers with room; then let idle slots
+        steal queued ones."""
+        if not self.workers:
             return
+        if self._ready:
+            self._dispatch_ready()
+        self._steal()
+
+    def _dispatch_ready(self) -> None:
         capacity = self.slot_capacity()
         open_workers = {
             ws for ws in self.workers.values() if self._open_slot(ws, capacity) >= 0
@@ -745,10 +861,83 @@ class SchedulerState:
                 continue
             slot = self._open_slot(ws, capacity)
             self._assign(ts, ws, slot)
+            self._chain(ws, slot)
             if self._open_slot(ws, capacity) < 0:
                 open_workers.discard(ws)
         for entry in deferred:
             heapq.heappush(self._ready, entry)
+
+    def _steal(self) -> None:
+        """Idle slots take tasks queued behind running ones (DESIGN: idle workers steal).
+
+        Without this a task prefetched behind a long one waits for it even while other workers
+        sit idle — e.g. everything submitted while only the first worker had joined. The task is
+        recalled (CancelCompute); once its worker confirms it had not started, it goes to the
+        thief (:meth:`_worker_cancel_reply`).
+        """
+        idle = [
+            (ws, i)
+            for ws in self.workers.values()
+            for i in ws.ready_slots
+            if not ws.slots[i] and (ws.id, i) not in self._thieves
+        ]
+        if not idle:
+            return
+        queued = [
+            ts
+            for ws in self.workers.values()
+            for queue in ws.slots
+            if len(queue) > 1
+            for ts in itertools.islice(queue, 1, None)
+            if ts.recall is None
+        ]
+        if not queued:
+            return
+        queued.sort(key=lambda t: t.priority)
+        for thief, slot in idle:
+            for ts in queued:
+                if (
+                    ts.recall is None
+                    and ts.processing_on is not None
+                    and self._fits(ts, thief)
+                    and self._has_room(ts, thief)
+                    and self._missing_bytes(ts, thief) <= STEAL_MAX_BYTES
+                ):
+                    ts.recall = _Recall(cancel=False, thief=(thief.id, slot))
+                    self._thieves.add((thief.id, slot))
+                    self._send(ts.processing_on.id, m.CancelCompute(0, ts.key, ts.slot))
+                    break
+
+    @staticmethod
+    def _missing_bytes(ts: TaskState, ws: WorkerState) -> int:
+        return sum(d.nbytes for d in ts.dependencies if ws not in d.who_has)
+
+    def _chain(self, ws: WorkerState, slot: int) -> None:
+        """Queue dependents right behind their inputs in a slot.
+
+        A waiting task whose unfinished inputs are all queued in one slot can go to that slot
+        now: slots run in order, so its inputs are in the worker's store when it starts. A chain
+        ``x = submit(f, x)`` then runs without a scheduler round trip per link. A dependent queued
+        this way whose input fails or is cancelled is withdrawn with CancelCompute.
+        """
+        queue = ws.slots[slot]
+        capacity = self.slot_capacity()
+        index = 0
+        while index < len(queue) and len(queue) < capacity:
+            for dep in list(queue[index].dependents):
+                if len(queue) >= capacity:
+                    return
+                if dep.state == WAITING and self._chainable(dep, ws, slot):
+                    self._assign(dep, ws, slot)
+            index += 1
+
+    def _chainable(self, ts: TaskState, ws: WorkerState, slot: int) -> bool:
+        if ts.restrictions is not None and not (self._fits(ts, ws) and self._has_room(ts, ws)):
+            return False
+        for dts in ts.waiting_on:
+            if dts.state != PROCESSING or dts.processing_on is not ws or dts.slot != slot:
+                return False
+        return True
 
     def _assign(self, ts: TaskState, ws: WorkerState, slot: int) -> None:
         ts.state = PROCESSING
@@ -760,7 +949,10 @@ class SchedulerState:
         if resources:
             for name, amount in resources.items():
                 ws.used_resources[name] = ws.used_resources.get(name, 0) + amount
-        deps = [(d.key, [w.address for w in d.who_has]) for d in ts.dependencies]
+        deps = [
+            (d.key, [w.address for w in d.who_has] if d.state == MEMORY else [ws.address])
+            for d in ts.dependencies
+        ]
         self._send(f"{ws.id}/{slot}", m.Compute(ts.key, ts.priority, deps, ts.options, ts.spec or []))
 
     def _send(self, peer: str, msg: Any) -> None:
@@ -780,6 +972,7 @@ class SchedulerState:
                 assert ts.processing_on is not None and ts in ts.processing_on.processing, ts
             else:
                 assert ts.processing_on is None, ts
+                assert ts.recall is None, ts
             if ts.state == MEMORY:
                 assert ts.who_has, ts
             for ws in ts.who_has:
