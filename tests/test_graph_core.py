@@ -145,9 +145,18 @@ def test_cycles_are_named(dsk, cycle):
     with pytest.raises(CycleError) as info:
         toposort(dsk)
     assert info.value.cycle == cycle
-    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    assert pickle.loads(pickle.dumps(info.value)).cycle == cycle
     assert str(info.value) == "cycle in graph: " + " -> ".join(map(repr, cycle))
     assert find_cycle(dsk) == cycle
+
+
+def test_value_that_is_its_own_key_is_a_literal():
+    """dask reports ``{0: 0}`` as a cycle; here it is the value 0 (handy for ``{i: i}``)."""
+    dsk = {0: 0, ("t", 1): ("t", 1), 1: (inc, 0)}
+    assert get_deps(dsk)[0] == {0: set(), ("t", 1): set(), 1: {0}}
+    assert toposort(dsk) == [0, ("t", 1), 1]
+    assert execute_task(dsk[("t", 1)], {}) == ("t", 1)
 
 
 def test_cycle_behind_a_dag_part():

@@ -10,7 +10,8 @@ or a tuple of those. A *computation* is read by one rule, applied recursively (i
    ``(func, *args)`` evaluates every arg and returns ``func(*args)``;
 2. a **reference** -- an ``int``/``float``/``str``/``bytes``/``tuple`` that is a key of the graph
    -- means "the value of that key" (``bool`` counts as ``int``, as in dask: ``True`` refers to
-   the key ``1`` if there is one);
+   the key ``1`` if there is one). Exception: a value that is exactly its own key, as in
+   ``{0: 0}``, is a literal (dask calls that a cycle);
 3. a ``list``, non-task ``tuple``, ``set`` or ``frozenset`` is rebuilt, same type, from its
    evaluated items (so ``[k1, k2]`` is the list of both values; a namedtuple stays one);
 4. anything else -- ``dict`` included -- is a literal and stands for itself. Wrap a value that
@@ -48,8 +49,10 @@ _WALKED = (*_REF_TYPES, *_CONTAINERS)  # what may hold a reference
 _NO_TASK = object()
 
 
-class CycleError(ValueError):
+class CycleError(ValueError, RuntimeError):
     """The graph is not a DAG. ``cycle`` lists the keys, first == last, each depending on the next.
+
+    Also a ``RuntimeError``, which is what dask raises for a cycle.
 
     >>> str(CycleError(['a', 'b', 'a']))
     "cycle in graph: 'a' -> 'b' -> 'a'"
@@ -58,6 +61,9 @@ class CycleError(ValueError):
     def __init__(self, cycle: Sequence[Key]) -> None:
         self.cycle = list(cycle)
         super().__init__("cycle in graph: " + " -> ".join(repr(k) for k in self.cycle))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CycleError, (self.cycle,))
 
 
 class Literal:
@@ -149,8 +155,11 @@ def _refs(comp: Any, keys: Any) -> list[Key]:
     The hot path of graph analysis: the arguments of a flat task that are plain keys are
     checked here; anything nested goes to :func:`_walk_refs`.
     """
-    if not (type(comp) is tuple and comp and callable(comp[0])):
-        return _walk_refs(comp, keys)
+    typ = type(comp)
+    if typ in _SCALAR_KEY_TYPES:
+        return [comp] if comp in keys else []
+    if not (typ is tuple and comp and callable(comp[0])):
+        return _walk_refs(comp, keys) if isinstance(comp, _WALKED) else []
     out: list[Key] = []
     for x in comp[1:]:
         typ = type(x)
@@ -188,6 +197,13 @@ def _walk_refs(comp: Any, keys: Any) -> list[Key]:
     return out
 
 
+def _key_refs(dsk: Graph, key: Key, comp: Any) -> list[Key]:
+    """The references in ``dsk[key] == comp``; a value that *is* its own key is a literal."""
+    if type(comp) is type(key) and comp == key:  # {0: 0}: dask reports a cycle; we take 0
+        return []
+    return _refs(comp, dsk)
+
+
 def get_dependencies(
     dsk: Graph,
     key: Key | None = None,
@@ -214,14 +230,12 @@ def get_dependencies(
     {'x'}
     """
     if key is not None:
-        comp = dsk[key]
+        refs = _key_refs(dsk, key, dsk[key])
     elif task is not _NO_TASK:
-        comp = task
+        refs = _refs(task, dsk)
     else:
         raise ValueError("provide either key or task")
-    if as_list:
-        return list(dict.fromkeys(_refs(comp, dsk)))
-    return set(_refs(comp, dsk))
+    return list(dict.fromkeys(refs)) if as_list else set(refs)
 
 
 def reverse_dict(d: Mapping[Key, Iterable[Key]]) -> dict[Key, set[Key]]:
@@ -250,7 +264,7 @@ def get_deps(dsk: Graph) -> tuple[dict[Key, set[Key]], dict[Key, set[Key]]]:
     >>> dependents
     {'a': {'b'}, 'b': {'c'}, 'c': set()}
     """
-    dependencies = {k: set(_refs(v, dsk)) for k, v in dsk.items()}
+    dependencies = {k: set(_key_refs(dsk, k, v)) for k, v in dsk.items()}
     return dependencies, reverse_dict(dependencies)
 
 
@@ -335,7 +349,7 @@ def toposort(dsk: Graph, dependencies: Mapping[Key, Iterable[Key]] | None = None
     meshpool.graph.core.CycleError: cycle in graph: 'a' -> 'b' -> 'a'
     """
     if dependencies is None:  # lists, not sets: the same order in every process
-        dependencies = {k: _refs(v, dsk) for k, v in dsk.items()}
+        dependencies = {k: _key_refs(dsk, k, v) for k, v in dsk.items()}
     return _dfs_postorder(dsk, dependencies)
 
 

@@ -6,8 +6,8 @@ Theory of operation
 computes it. A ``Delayed`` anywhere in the arguments (inside lists, tuples, sets, dict values
 and keyword arguments too) becomes a reference to its key, so the new task depends on it::
 
-    f(d1, [d2, 3], k=d3)  ->  {key: (apply, f, [d1.key, [d2.key, 3]], (dict, [['k', d3.key]]))}
-    f(d1, 'text')         ->  {key: (f, d1.key, (Literal('text'),))}
+    f(d1, [d2, 3], k=d3)  ->  {key: (apply, f, [d1.key, [d2.key, 3]], (dict, [[q('k'), d3.key]]))}
+    f(d1, 'text')         ->  {key: (f, d1.key, q('text'))}     where q('s') = (Literal('s'),)
 
 Literal arguments the graph rules would read -- strings (they might be keys), tuples, lists,
 sets, dicts -- are wrapped with :func:`~meshpool.graph.core.quote`, so they reach the function
@@ -26,6 +26,10 @@ calls the method on the computed object. ``bool(d)`` is an error, and iterating 
 Where ``compute`` runs: an explicit ``scheduler=`` (a ``get`` function, ``"threads"`` or
 ``"sync"``), else :func:`~meshpool.graph.scheduling.get_scheduler` -- the current executor if
 one registered itself, else local threads.
+
+A ``Delayed`` also speaks dask's collection protocol (``__dask_graph__`` and friends), so
+``dask.compute(d)`` and ``dask.delayed(f)(d)`` accept it; dask's own ``Delayed`` objects are
+not recognised inside meshpool calls (pass their ``.compute()`` results, or use dask there).
 """
 
 from __future__ import annotations
@@ -72,13 +76,54 @@ def tokenize(*args: Any) -> str:
     >>> import threading
     >>> tokenize(threading.Lock()) == tokenize(threading.Lock())  # unpicklable: random
     False
+    >>> loop = [1]; loop.append(loop)
+    >>> tokenize(loop) == tokenize(loop)
+    True
     """
-    buf = io.BytesIO()
     try:
-        _TokenPickler(buf, protocol=5).dump(args)
-    except Exception:
-        return uuid.uuid4().hex
-    return hashlib.sha1(buf.getvalue(), usedforsecurity=False).hexdigest()[:32]
+        text = _simple_repr(args)
+    except RecursionError:  # a list holding itself, or absurdly deep nesting
+        text = None
+    if text is not None:  # the common case (operators on Delayed and numbers): no pickling
+        data = text.encode("utf-8", "surrogatepass")
+    else:
+        buf = io.BytesIO()
+        try:
+            _TokenPickler(buf, protocol=5).dump(args)
+        except Exception:
+            return uuid.uuid4().hex
+        data = b"p" + buf.getvalue()
+    return hashlib.sha1(data, usedforsecurity=False).hexdigest()[:32]
+
+
+_SIMPLE_TYPES = frozenset({str, int, float, bytes, bool, type(None)})
+
+
+def _simple_repr(x: Any) -> str | None:
+    """An unambiguous text for builtins-only values (and Delayed, builtin functions), else None.
+
+    >>> _simple_repr((1, 'a', [None, b'x']))
+    "(1,'a',[None,b'x'])"
+    """
+    typ = type(x)
+    if typ in _SIMPLE_TYPES:
+        return repr(x)  # strings are quoted, so no other text can look like one
+    if isinstance(x, Delayed):
+        return f"<D {x._key!r}>"
+    if typ is tuple or typ is list:
+        parts = [_simple_repr(i) for i in x]
+        if None in parts:
+            return None
+        text = ",".join(parts)  # type: ignore[arg-type]
+        return f"({text})" if typ is tuple else f"[{text}]"
+    if typ is dict:
+        items = [(_simple_repr(k), _simple_repr(v)) for k, v in x.items()]
+        if any(k is None or v is None for k, v in items):
+            return None
+        return "{" + ",".join(f"{k}:{v}" for k, v in items) + "}"
+    if typ is types.BuiltinFunctionType:
+        return f"<B {x.__module__}.{x.__qualname__}>"
+    return None
 
 
 def _unpack(x: Any, deps: list[Delayed]) -> Any:
@@ -242,6 +287,42 @@ class Delayed:
     def __reduce__(self) -> tuple[Any, ...]:
         # Flatten: pickling a long chain layer by layer would recurse once per link.
         return (Delayed, (self._key, self.dask, (), self._nout))
+
+    # dask's collection protocol: dask.compute(d), and dask.delayed(f)(d), accept a Delayed.
+    def __dask_graph__(self) -> dict[Key, Any]:
+        return self.dask
+
+    def __dask_keys__(self) -> list[Key]:
+        return [self._key]
+
+    def __dask_layers__(self) -> tuple[Key, ...]:
+        return (self._key,)
+
+    def __dask_tokenize__(self) -> Key:
+        return self._key
+
+    def __dask_postcompute__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return (_first, ())
+
+    def __dask_postpersist__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return (_rebuild, (self._key, self._nout))
+
+    @staticmethod
+    def __dask_optimize__(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        return dsk
+
+    @staticmethod
+    def __dask_scheduler__(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        return resolve_scheduler(None)(dsk, keys, **kwargs)
+
+
+def _first(results: Sequence[Any]) -> Any:
+    return results[0]
+
+
+def _rebuild(dsk: Mapping[Key, Any], key: Key, nout: int | None, rename: Any = None) -> Delayed:
+    key = rename.get(key, key) if rename else key
+    return Delayed(key, dict(dsk), (), nout)
 
 
 def _binary(op: Callable[[Any, Any], Any]) -> Callable[[Delayed, Any], Delayed]:

@@ -45,7 +45,7 @@ def graph_spec(dsk: Graph) -> GraphSpec:
     """
     spec: GraphSpec = {}
     for k, v in dsk.items():
-        deps = get_dependencies(dsk, task=v, as_list=True)
+        deps = get_dependencies(dsk, k, as_list=True)
         label = task_label(v)
         if label is None and deps:
             label = "alias" if _is_ref(v, dsk) else type(v).__name__

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
-from .core import Graph, Key, _dfs_postorder, _refs
+from .core import Graph, Key, _dfs_postorder, _key_refs
 
 
 def sort_key(key: Key) -> tuple[Any, ...]:
@@ -99,7 +99,7 @@ def order(dsk: Graph, dependencies: Mapping[Key, Iterable[Key]] | None = None) -
     """
     deps: Mapping[Key, Collection[Key]]
     if dependencies is None:
-        deps = {k: _refs(v, dsk) for k, v in dsk.items()}  # repeats are harmless
+        deps = {k: _key_refs(dsk, k, v) for k, v in dsk.items()}  # repeats are harmless
     elif all(d in dsk for ds in dependencies.values() for d in ds):
         deps = {k: dependencies.get(k, ()) for k in dsk}  # type: ignore[misc]
     else:
