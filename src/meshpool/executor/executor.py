@@ -12,12 +12,14 @@ argument raises right here, naming the object — and then only enqueues work fo
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import itertools
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent import futures as cf
 from dataclasses import dataclass
 from typing import Any
@@ -116,9 +118,13 @@ class Executor(cf.Executor):
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
     ) -> Iterator[Any]:
-        """Like ``Executor.map``: everything is submitted now, results come back in order."""
-        return self._map(fn, iterables, timeout, chunksize, None)
+        """Like ``Executor.map``: results come back in order. Everything is submitted now,
+        unless ``buffersize`` (Python 3.14's meaning): then the iterables are read lazily and
+        at most that many submitted tasks wait to be yielded, so an endless generator can be
+        mapped in constant memory."""
+        return self._map(fn, iterables, timeout, chunksize, None, buffersize)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
@@ -338,16 +344,102 @@ class Executor(cf.Executor):
         timeout: float | None,
         chunksize: int,
         options: dict | None,
+        buffersize: int | None = None,
     ) -> Iterator[Any]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
+            raise ValueError("buffersize must be None or an integer >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
         if chunksize == 1:
-            fs = self._submit_many(fn, zip(*iterables), options)
-            return _result_iterator(fs, end_time, self._core)
-        chunks = _chunks(iterables, chunksize)
-        fs = self._submit_many(_run_chunk, ((fn, chunk) for chunk in chunks), options)
-        return itertools.chain.from_iterable(_result_iterator(fs, end_time, self._core))
+            calls: Iterator[tuple] = zip(*iterables)
+            fn_to_run = fn
+        else:
+            calls = ((fn, chunk) for chunk in _chunks(iterables, chunksize))
+            fn_to_run = _run_chunk
+        if buffersize is not None:
+            results = self._bounded_results(fn_to_run, calls, buffersize, end_time, options)
+        else:
+            fs = self._submit_many(fn_to_run, calls, options)
+            results = _result_iterator(fs, end_time, self._core)
+        return results if chunksize == 1 else itertools.chain.from_iterable(results)
+
+    def _bounded_results(
+        self,
+        fn: Callable,
+        calls: Iterator[tuple],
+        buffersize: int,
+        end_time: float | None,
+        options: dict | None,
+    ) -> Iterator[Any]:
+        window: collections.deque[Future] = collections.deque(
+            self._submit(fn, args, {}, options) for args in itertools.islice(calls, buffersize)
+        )
+        executor_ref = weakref.ref(self)
+        del self  # the generator must not keep the executor alive
+
+        def results() -> Iterator[Any]:
+            try:
+                while window:
+                    executor = executor_ref()
+                    if executor is not None and not executor._shutdown:
+                        args = next(calls, None)
+                        if args is not None:
+                            window.append(executor._submit(fn, args, {}, options))
+                    del executor
+                    fut = window[0]
+                    if end_time is None:
+                        value = fut.result()
+                    else:
+                        value = fut.result(end_time - time.monotonic())
+                    window.popleft()
+                    yield value
+            finally:
+                for fut in window:
+                    fut.cancel()
+
+        return results()
+
+    # --- asyncio -------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Executor:
+        self._context_tokens.append(_graphs.enter(self))
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._context_tokens:
+            _graphs.leave(self._context_tokens.pop())
+        await asyncio.to_thread(self.shutdown, True)
+
+    async def gather_async(self, futures: Iterable[cf.Future]) -> list:
+        """Results of many futures without blocking the event loop."""
+        return list(await asyncio.gather(*(_awaitable(f) for f in futures)))
+
+    async def map_async(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        buffersize: int | None = 1000,
+    ) -> AsyncIterator[Any]:
+        """``async for result in ex.map_async(fn, items)``: results in order, never blocking
+        the event loop; at most ``buffersize`` tasks in flight (None: submit everything)."""
+        calls = zip(*iterables)
+        window: collections.deque[Future] = collections.deque()
+        try:
+            while True:
+                while buffersize is None or len(window) < buffersize:
+                    args = next(calls, None)
+                    if args is None:
+                        break
+                    window.append(self.submit(fn, *args))
+                    if len(window) % 100 == 0:
+                        await asyncio.sleep(0)  # let the loop breathe during long submits
+                if not window:
+                    return
+                yield await window.popleft()
+        finally:
+            for fut in window:
+                fut.cancel()
 
     # --- data --------------------------------------------------------------------------------
 
@@ -413,8 +505,9 @@ class ExecutorOptions:
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
+        buffersize: int | None = None,
     ) -> Iterator[Any]:
-        return self._executor._map(fn, iterables, timeout, chunksize, self._options)
+        return self._executor._map(fn, iterables, timeout, chunksize, self._options, buffersize)
 
     def options(self, **options: Any) -> ExecutorOptions:
         return ExecutorOptions(self._executor, {**self._options, **_check_options(options)})
@@ -492,6 +585,10 @@ def _result_iterator(fs: list[Future], end_time: float | None, core: ClientCore)
         leftover = [f for f in fs if not f.done()]
         if leftover:
             core.cancel(leftover, 5.0)
+
+
+def _awaitable(fut: cf.Future) -> Any:
+    return fut if isinstance(fut, Future) else asyncio.wrap_future(fut)
 
 
 def _is_remote(fut: Future) -> bool:
