@@ -70,17 +70,17 @@ def _emit(result: dict, as_json: bool) -> None:
         print(json.dumps(result, indent=2, default=repr), flush=True)
 
 
-def run_one(system_name: str, workload: str, quick: bool, as_json: bool) -> int:
+def run_one(system_name: str, workload: str, quick: bool, as_json: bool, scale: float) -> int:
     result: dict = {"system": system_name, "workload": workload, "status": "error"}
     sysobj = None
     try:
         if not workloads.applicable(system_name, workload):
             result["status"] = "n/a"
         elif workload == "startup":  # timed around a probe subprocess
-            result = measure(system_name, workload, quick, timeout=300.0)
+            result = measure(system_name, workload, quick, 300.0, scale)
         else:
             sysobj = systems.make(system_name)
-            size = workloads.sizes_for(workload, quick)
+            size = workloads.sizes_for(workload, quick, scale)
             result["size"] = size
             t0 = time.perf_counter()
             sysobj.start(systems.N_WORKERS)
@@ -232,7 +232,7 @@ def _spawn(cmd: list[str], timeout: float) -> dict:
     return res
 
 
-def measure(system: str, workload: str, quick: bool, timeout: float) -> dict:
+def measure(system: str, workload: str, quick: bool, timeout: float, scale: float = 1.0) -> dict:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if workload == "startup":
         res = _spawn([sys.executable, RUN_PY, "--startup-probe", system, "--json"], timeout)
@@ -242,6 +242,8 @@ def measure(system: str, workload: str, quick: bool, timeout: float) -> dict:
         cmd = [sys.executable, RUN_PY, "--one", system, workload, "--json"]
         if quick:
             cmd.append("--quick")
+        if scale != 1.0:
+            cmd += ["--scale-one", repr(scale)]
         res = _spawn(cmd, timeout)
     res["loadavg_1m_before"] = load
     return res
@@ -253,13 +255,16 @@ def _interpreter_startup() -> float:
     return time.perf_counter() - t0
 
 
-def _parse_caps(text: str | None) -> dict[str, int]:
-    caps: dict[str, int] = {}
+def _parse_per_system(text: str | None, conv):
+    out = {}
     for part in (text or "").split(","):
         if part.strip():
             k, _, v = part.partition("=")
-            caps[k.strip()] = int(v)
-    return caps
+            k = k.strip()
+            if k not in systems.SYSTEMS:
+                sys.exit(f"unknown system {k!r} in {text!r}")
+            out[k] = conv(v)
+    return out
 
 
 def summarize(cells: dict) -> None:
@@ -314,7 +319,10 @@ def fmt(value: float, unit: str) -> str:
 NO_RATIO = {"memory_returned"}
 
 
-def table(cells: dict, system_list: list[str], workload_list: list[str], repeat: int) -> str:
+def table(
+    cells: dict, system_list: list[str], workload_list: list[str], repeat: int, meta: dict
+) -> str:
+    scaled = meta.get("scaled_sizes", {})
     with_ratio = "meshpool" in system_list and len(system_list) > 1
     head = ["workload", "unit"] + [systems.LABELS[s] for s in system_list]
     if with_ratio:
@@ -340,6 +348,9 @@ def table(cells: dict, system_list: list[str], workload_list: list[str], repeat:
                 v = cell["median"][key]
                 values[s] = v
                 txt = fmt(v, unit)
+                if wl in scaled.get(s, {}):
+                    txt += " ‡"
+                    notes.add("scaled")
                 if st == "partial":
                     txt += f" ({cell['n_ok']}/{cell['n_runs']} ok)"
                     notes.add("partial")
@@ -377,6 +388,21 @@ def table(cells: dict, system_list: list[str], workload_list: list[str], repeat:
         )
     if "fewer" in notes:
         foot.append("(n=k): fewer repeats for that system (see --max-repeat).")
+    if "scaled" in notes:
+        parts = []
+        for s, by_wl in scaled.items():
+            desc = ", ".join(
+                f"{w} {by_wl[w][workloads.SCALABLE[w]]:,} {workloads.SCALABLE[w]}"
+                for w in by_wl
+                if by_wl[w] != meta["sizes"][w]
+            )
+            if desc and s in system_list:
+                parts.append(f"{systems.LABELS[s]}: {desc}")
+        foot.append(
+            "‡ smaller size for a slow system (per-task/per-item metric, fewer tasks; see --scale): "
+            + "; ".join(parts)
+            + "."
+        )
     if "partial" in notes:
         foot.append("(k/n ok): some runs failed; median of the successful ones (reasons in JSON).")
     return "\n".join(lines + foot)
@@ -391,7 +417,8 @@ def parent(args) -> int:
     for w in workload_list:
         if w not in workloads.WORKLOADS:
             sys.exit(f"unknown workload {w!r}; choose from {','.join(workloads.WORKLOADS)}")
-    caps = _parse_caps(args.max_repeat)
+    caps = _parse_per_system(args.max_repeat, int)
+    scales = {k: v for k, v in _parse_per_system(args.scale, float).items() if v != 1.0}
 
     cells: dict = {s: {w: {"runs": []} for w in workload_list} for s in system_list}
     for s in system_list:
@@ -408,9 +435,18 @@ def parent(args) -> int:
         "quick": args.quick,
         "repeat": args.repeat,
         "max_repeat": caps,
+        "scale": scales,
         "timeout_s": args.timeout,
         "n_workers": systems.N_WORKERS,
         "sizes": {w: workloads.sizes_for(w, args.quick) for w in workload_list},
+        "scaled_sizes": {
+            s: {
+                w: workloads.sizes_for(w, args.quick, f)
+                for w in workload_list
+                if w in workloads.SCALABLE
+            }
+            for s, f in scales.items()
+        },
         "interpreter_startup_s": _interpreter_startup(),
     }
     out_path = os.path.abspath(args.out)
@@ -420,7 +456,7 @@ def parent(args) -> int:
         summarize(cells)
         doc = {"meta": meta, "cells": cells}
         if final:
-            doc["table_markdown"] = table(cells, system_list, workload_list, args.repeat)
+            doc["table_markdown"] = table(cells, system_list, workload_list, args.repeat, meta)
         tmp = out_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(doc, f, indent=1, default=repr)
@@ -434,7 +470,7 @@ def parent(args) -> int:
                     continue
                 if rep >= caps.get(s, args.repeat):
                     continue
-                res = measure(s, w, args.quick, args.timeout)
+                res = measure(s, w, args.quick, args.timeout, scales.get(s, 1.0))
                 cells[s][w]["runs"].append(res)
                 status = res.get("status")
                 shown = ", ".join(
@@ -452,7 +488,7 @@ def parent(args) -> int:
                 )
                 save(final=False)
     save(final=True)
-    print(table(cells, system_list, workload_list, args.repeat))
+    print(table(cells, system_list, workload_list, args.repeat, meta))
     print(f"\nJSON: {out_path}  (total {time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     return 0
 
@@ -465,17 +501,27 @@ def main(argv=None) -> int:
     p.add_argument(
         "--max-repeat",
         metavar="SYS=N,...",
-        help="cap the repeats of slow systems, e.g. ray=1,dask=2 (shown as n=k in the table)",
+        default="dask=1,ray=1",
+        help="cap the repeats of slow systems (shown as n=k in the table);\n"
+        "'' for --repeat everywhere (default: %(default)s)",
+    )
+    p.add_argument(
+        "--scale",
+        metavar="SYS=F,...",
+        default="dask=0.1,ray=0.1",
+        help="multiply the task count of the 100,000-task workloads (map, memory) for slow\n"
+        "systems (marked ‡ in the table); '' for full size everywhere (default: %(default)s)",
     )
     p.add_argument("--quick", action="store_true", help="sizes shrunk ~10x (smoke run)")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON output (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0, help="per measurement, seconds")
+    p.add_argument("--scale-one", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=2, metavar=("SYSTEM", "WORKLOAD"), help=argparse.SUPPRESS)
     p.add_argument("--startup-probe", metavar="SYSTEM", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        return run_one(args.one[0], args.one[1], args.quick, args.json)
+        return run_one(args.one[0], args.one[1], args.quick, args.json, args.scale_one)
     if args.startup_probe:
         return startup_probe(args.startup_probe, args.json)
     try:

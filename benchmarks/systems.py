@@ -111,7 +111,7 @@ class _FuturesSystem(System):
 
     def shutdown(self) -> None:
         if self.ex is not None:
-            self.ex.shutdown(wait=True)
+            self.ex.shutdown()  # stdlib default: wait=True
             self.ex = None
 
 

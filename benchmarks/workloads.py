@@ -59,8 +59,17 @@ WORKLOADS = list(SIZES)
 NEEDS_FUTURE_ARGS = {"chain", "tree", "w2w"}
 
 
-def sizes_for(workload: str, quick: bool) -> dict:
-    return {k: v[1 if quick else 0] for k, v in SIZES[workload].items()}
+# Workloads whose metric is per task/item, so a smaller count still measures
+# the same thing (only averaged over fewer tasks): ``--scale`` applies to them.
+SCALABLE = {"map": "items", "memory": "tasks"}
+
+
+def sizes_for(workload: str, quick: bool, scale: float = 1.0) -> dict:
+    size = {k: v[1 if quick else 0] for k, v in SIZES[workload].items()}
+    if scale != 1.0 and workload in SCALABLE:
+        key = SCALABLE[workload]
+        size[key] = max(1, int(round(size[key] * scale)))
+    return size
 
 
 def applicable(system: str, workload: str) -> bool:
