@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import os
 import threading
@@ -104,6 +105,7 @@ class Executor(cf.Executor):
             core.command("initializer", init_frames)
         self._scatter_turn = itertools.count()
         self._context_tokens: list = []
+        self._workers_cache: tuple[float, list[dict]] | None = None
         _graphs.register(self)
 
     # --- the stdlib contract -----------------------------------------------------------------
@@ -267,13 +269,16 @@ class Executor(cf.Executor):
         self, fn: Callable, args: tuple, kwargs: dict, options: dict | None
     ) -> tuple[Future, tuple, list]:
         """Serialize one call: (future, task row, frames). Raises here on bad input."""
-        deps = _find_futures(args, kwargs)
+        # Plain pickle refuses futures (Future.__reduce__ raises), so when it succeeds there is
+        # no dependency to look for; only otherwise are the arguments scanned.
+        plain = serialize.dumps_plain((args, kwargs))
+        deps = [] if plain is not None else _find_futures(args, kwargs)
         for dep in deps:
             if dep._client is not self._core:
                 raise ValueError(f"{dep!r} belongs to another executor")
         key = self._new_key(fn)
         priority = (-(options or {}).get("priority", 0), next(self._core.counter), 0)
-        row, frames = self._prepare_task(fn, args, kwargs, deps, options, key, priority)
+        row, frames = self._prepare_task(fn, args, kwargs, deps, options, key, priority, plain)
         if deps:
             self._core.lineage[key] = row[1]
         return Future(key, self._core), row, frames
@@ -287,14 +292,17 @@ class Executor(cf.Executor):
         options: dict | None,
         key: Any,
         priority: tuple,
+        frames: list | None = None,
     ) -> tuple[tuple, list]:
-        """Serialize one task whose dependencies (futures or key refs) are ``deps``."""
+        """Serialize one task whose dependencies (futures or key refs) are ``deps``;
+        ``frames``, when given, are its arguments already pickled."""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         fn_bytes = self._functions.dumps(fn)
-        frames = serialize.dumps(
-            (args, kwargs), ref_type=_REF_TYPES if deps else None, what=f"argument of {fn!r}:"
-        )
+        if frames is None:
+            frames = serialize.dumps(
+                (args, kwargs), ref_type=_REF_TYPES if deps else None, what=f"argument of {fn!r}:"
+            )
         dep_keys = [d.key for d in deps]
         task_options = _task_options(options)
         if serialize.nbytes(frames) > LARGE_ARGUMENTS:
@@ -354,9 +362,12 @@ class Executor(cf.Executor):
         if chunksize == 1:
             calls: Iterator[tuple] = zip(*iterables)
             fn_to_run = fn
+        elif len(iterables) == 1:  # the function travels once (cached), chunks carry data
+            calls = ((chunk,) for chunk in _chunks_of_items(iterables[0], chunksize))
+            fn_to_run = functools.partial(_run_chunk_of_items, fn)
         else:
-            calls = ((fn, chunk) for chunk in _chunks(iterables, chunksize))
-            fn_to_run = _run_chunk
+            calls = ((chunk,) for chunk in _chunks(iterables, chunksize))
+            fn_to_run = functools.partial(_run_chunk, fn)
         if buffersize is not None:
             results = self._bounded_results(fn_to_run, calls, buffersize, end_time, options)
         else:
@@ -474,9 +485,19 @@ class Executor(cf.Executor):
             self._core.command("store", address, items, out, rows)
 
     def _live_workers(self, names: list[str] | None) -> list[dict]:
+        """Workers to send data to; the list is reused for a second (a round trip saved per
+        large argument), a stale entry only costs a retry through the scheduler."""
+        cached = self._workers_cache
+        if cached is not None and time.monotonic() - cached[0] < 1.0:
+            workers = cached[1]
+            if names:
+                workers = [w for w in workers if w["name"] in names or w["id"] in names]
+            if workers:
+                return workers
         deadline = time.monotonic() + self._core.timeout
         while True:
             workers = self.workers()
+            self._workers_cache = (time.monotonic(), workers)
             if names:
                 workers = [w for w in workers if w["name"] in names or w["id"] in names]
             if workers:
@@ -568,6 +589,19 @@ def _chunks(iterables: tuple, chunksize: int) -> Iterator[tuple]:
 
 def _run_chunk(fn: Callable, chunk: tuple) -> list:
     return [fn(*args) for args in chunk]
+
+
+def _chunks_of_items(iterable: Iterable, chunksize: int) -> Iterator[list]:
+    it = iter(iterable)
+    while True:
+        chunk = list(itertools.islice(it, chunksize))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _run_chunk_of_items(fn: Callable, chunk: list) -> list:
+    return [fn(item) for item in chunk]
 
 
 def _result_iterator(fs: list[Future], end_time: float | None, core: ClientCore) -> Iterator[Any]:

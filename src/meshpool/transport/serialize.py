@@ -98,6 +98,19 @@ def dumps(obj: Any, ref_type: Any = None, what: str = "object") -> Frames:
     return [data, *buffers]
 
 
+def dumps_plain(obj: Any) -> Frames | None:
+    """The fast path: plain pickle only. None when it refuses the object (a future inside it,
+    a lambda...) or names ``__main__`` — the caller then takes the full path (:func:`dumps`)."""
+    buffers: list = []
+    try:
+        data = pickle.dumps(obj, protocol=5, buffer_callback=_oob_collector(buffers))
+    except Exception:
+        return None
+    if b"__main__" in data:
+        return None
+    return [data, *buffers]
+
+
 def _describe(obj: Any) -> str:
     try:
         text = repr(obj)
@@ -198,12 +211,16 @@ def dumps_exception(exc: BaseException) -> Frames:
             tb_dict = Traceback(exc.__traceback__).to_dict()
         except Exception:
             tb_dict = None
+    remote = _remote_error(exc, tb_text)
     try:
         payload = cloudpickle.dumps(exc, protocol=5)
         pickle.loads(payload)  # an exception that cannot be rebuilt must not travel as itself
     except Exception:
-        payload = pickle.dumps(_remote_error(exc, tb_text), protocol=5)
-    return [pickle.dumps((tb_dict, tb_text), protocol=5), payload]
+        payload = pickle.dumps(remote, protocol=5)
+    # type name and message ride in builtins too: if the caller cannot unpickle the exception
+    # (its class is importable only on the worker), its RemoteError still names them
+    info = (tb_dict, tb_text, remote.type_name, remote.message)
+    return [pickle.dumps(info, protocol=5), payload]
 
 
 def _remote_error(exc: BaseException, tb_text: str) -> RemoteError:
@@ -221,16 +238,18 @@ def loads_exception(frames: Frames) -> BaseException:
     if len(frames) == 1:
         return _scheduler_error(frames[0])
     try:
-        tb_dict, tb_text = pickle.loads(frames[0])
+        tb_dict, tb_text, type_name, message = pickle.loads(frames[0])
     except Exception:
-        tb_dict, tb_text = None, ""
+        tb_dict, tb_text, type_name, message = None, "", "<unknown>", ""
     try:
         exc = pickle.loads(frames[1])
         if not isinstance(exc, BaseException):
             raise TypeError(f"not an exception: {type(exc).__name__}")
     except Exception as err:
         return RemoteError(
-            "<unknown>", f"the task's exception could not be unpickled here: {err}", tb_text
+            type_name,
+            f"{message} (the exception could not be unpickled here: {type(err).__name__}: {err})",
+            tb_text,
         )
     if tb_dict is not None:
         try:
