@@ -56,14 +56,75 @@ class Future(_base.Future):
     """
 
     def __init__(self, key: Any, client: ClientCore) -> None:
-        super().__init__()
+        # not _base.Future.__init__: the Condition (most of a stdlib future's ~1.6 KB) is made
+        # only when a thread waits or registers a callback; see the `_condition` property
+        self._cond: threading.Condition | None = None
+        self._state = _base.PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
         self.key = key
         self._client = client
 
+    # --- a lazily made Condition ---------------------------------------------------------------
+    #
+    # The stdlib's methods, wait() and as_completed() reach the condition through
+    # ``self._condition``, which makes it on first use under one global lock. The I/O thread
+    # completes a future under that same lock when no condition exists yet: then no thread can
+    # be waiting on it (waiting needs the condition), and any later waiter finds it finished.
+
+    @property
+    def _condition(self) -> threading.Condition:
+        cond = self._cond
+        if cond is None:
+            with _creation_lock:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition()
+        return cond
+
+    @_condition.setter
+    def _condition(self, value: threading.Condition) -> None:
+        self._cond = value
+
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == _base.FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
+    def cancelled(self) -> bool:
+        return self._state in _CANCELLED_STATES
+
+    def running(self) -> bool:
+        return self._state == _base.RUNNING
+
+    def set_result(self, result: Any) -> None:
+        if not self._complete_unwatched(result, None):
+            super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if not self._complete_unwatched(None, exception):
+            super().set_exception(exception)
+
+    def _complete_unwatched(self, result: Any, exception: BaseException | None) -> bool:
+        """Finish without a Condition if none exists; False if there is one (use it)."""
+        with _creation_lock:
+            if self._cond is not None:
+                return False
+            if self._state in _DONE_STATES:
+                raise _base.InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._exception = exception
+            self._state = _base.FINISHED
+        self._invoke_callbacks()
+        return True
+
     def __repr__(self) -> str:
-        with self._condition:
-            state = self._state
-        return f"<meshpool.Future {self.key!r} {state.lower()}>"
+        return f"<meshpool.Future {self.key!r} {self._state.lower()}>"
 
     def __del__(self) -> None:
         client = self.__dict__.get("_client")
@@ -79,7 +140,12 @@ class Future(_base.Future):
     # --- results -----------------------------------------------------------------------------
 
     def result(self, timeout: float | None = None) -> Any:
-        value = super().result(timeout)
+        if self._state == _base.FINISHED:  # set after _result/_exception: no lock needed
+            if self._exception is not None:
+                raise self._exception
+            value = self._result
+        else:
+            value = super().result(timeout)
         if type(value) is Packed:
             value = self._unpack(value.frames)
         elif type(value) is Remote:
@@ -160,6 +226,10 @@ def _set_done(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
 
+
+_creation_lock = threading.Lock()
+_DONE_STATES = frozenset((_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED))
+_CANCELLED_STATES = frozenset((_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED))
 
 _callback_queue: queue.SimpleQueue | None = None
 _callback_lock = threading.Lock()
