@@ -146,18 +146,33 @@ class ClientCore:
             nthreads=threads_per_worker,
             memory_limit=memory_limit,
             on_exit=self._worker_exited,
-        )
-        self.cluster.start()
+        )  # started by the I/O thread: the constructor returns at once (async with, start-up)
 
     def _connect(self, address: str) -> None:
         """Connect to a remote scheduler and handshake within ``timeout`` seconds."""
         dealer = make_socket(zmq.DEALER, identity=self.client_id.encode())
         if self.security is not None:
             self.security.client(dealer, address)
-        dealer.connect(address)
-        dealer.send_multipart(m.encode(m.HelloClient(self.client_id, m.versions())))
-        if not dealer.poll(int(self.timeout * 1000)):
+        monitor = dealer.get_monitor_socket(_HANDSHAKE_EVENTS)
+        try:
+            dealer.connect(address)
+            dealer.send_multipart(m.encode(m.HelloClient(self.client_id, m.versions())))
+            refused = _await_reply(dealer, monitor, self.timeout)
+        finally:
+            dealer.disable_monitor()
+            monitor.close(linger=0)
+        if refused is not None or not dealer.poll(0):
             dealer.close(linger=0)
+            if refused is not None:
+                raise errors.SecurityError(
+                    f"the scheduler at {address} refused the connection ({refused}): "
+                    + (
+                        "our credentials are not the cluster's"
+                        if self.security is not None
+                        else "it requires credentials, and none were found for this address "
+                        "(pass security=DIR or set MESHPOOL_SECURITY)"
+                    )
+                )
             hint = (
                 "is it running, and do we hold the cluster's credentials?"
                 if self.security is not None
@@ -243,6 +258,11 @@ class ClientCore:
     # --- the I/O thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.cluster is not None:
+            try:
+                self.cluster.start()
+            except Exception as exc:
+                self._break(errors.WorkerStartError(f"could not start worker processes: {exc}"))
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         if self.server is not None:
@@ -673,6 +693,35 @@ def _function_name(key: Any) -> str:
         return str(key[1])
     text = str(key)
     return text.rsplit("-", 2)[0] if text.count("-") >= 2 else text
+
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def _await_reply(dealer: zmq.Socket, monitor: zmq.Socket, timeout: float) -> str | None:
+    """Wait for the scheduler's first answer; the reason if the handshake was refused."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    poller = zmq.Poller()
+    poller.register(dealer, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        events = dict(poller.poll(int(remaining * 1000) + 1))
+        if dealer in events:
+            return None
+        if monitor in events:
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return "authentication failed"
+            return "security handshake failed"
 
 
 def _bytes_or_buffer(frame: zmq.Frame) -> Any:
