@@ -21,8 +21,14 @@ worker lacks over an assumed bandwidth. Each worker thread is a *slot* with its 
 the scheduler sends a slot its tasks directly and the slot runs them in arrival order, so the
 oldest unfinished task of a slot is the one executing. A slot holds a few tasks beyond the one it
 runs (a prefetch queue covering about :data:`PREFETCH_SECONDS` of work), which hides the round
-trip for small tasks without piling long tasks onto one worker. Cancelling a task queued behind
-the executing one is decided here at once; a worker's death is blamed only on executing tasks.
+trip for small tasks without piling long tasks onto one worker; idle slots steal queued tasks
+(:meth:`SchedulerState._steal`). A worker's death is blamed only on executing tasks.
+
+Taking back a task queued on a slot (a client's cancel, a steal) is a *recall*: the "oldest is
+executing" view lags (the slot may have started the next task while its ComputeDone is on the
+way), so the worker decides. CancelCompute goes to its control connection, which answers at once
+(CancelComputeReply) whether the task had started; until then the task stays PROCESSING with
+``recall`` set, and the client's CancelReply waits (``_CancelRequest``).
 
 References: a task is kept while a client wants it (``wanted_by``) or a pending task needs it
 (``waiters``). Dropping a future releases the key but never cancels the task; the result is
@@ -37,7 +43,7 @@ import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import messages as m
@@ -136,14 +142,18 @@ class _Recall:
     """A task queued on a slot that we asked the worker to take back (CancelCompute).
 
     ``cancel``: a client cancels it; else it is being stolen for ``thief`` (worker id, slot).
+    ``started``: the worker answered that it had started the task. The recall then stays, as a
+    note that the task is executing: it is not asked about again (steal retries would ping-pong
+    until the previous task's ComputeDone arrives) and is blamed if the worker dies.
     """
 
-    __slots__ = ("cancel", "thief", "requests")
+    __slots__ = ("cancel", "thief", "requests", "started")
 
     def __init__(self, cancel: bool, thief: tuple[str, int] | None = None) -> None:
         self.cancel = cancel
         self.thief = thief
         self.requests: list[_CancelRequest] = []
+        self.started = False
 
 
 def _restrictions(options: dict | None) -> tuple | None:
@@ -224,8 +234,9 @@ class SchedulerState:
         self._no_worker: set[TaskState] = set()
         self._thieves: set[tuple[str, int]] = set()  # idle slots waiting for a stolen task
         self._mean_duration = DEFAULT_DURATION
+        self._from_slot = -1  # the slot index of the worker message being handled
         self._out: Outgoing = []
-        self._client_handlers = {
+        self._client_handlers: dict[type, Callable[[str, Any], None]] = {
             m.SubmitTasks: self._client_submit,
             m.ReleaseKeys: self._client_release,
             m.CancelKeys: self._client_cancel,
@@ -236,7 +247,7 @@ class SchedulerState:
             m.Ping: self._client_ping,
             m.RetireWorkers: self._client_retire,
         }
-        self._worker_handlers = {
+        self._worker_handlers: dict[type, Callable[[WorkerState, Any], None]] = {
             m.ComputeDone: self._worker_done,
             m.ComputeErred: self._worker_erred,
             m.MissingData: self._worker_missing_data,
@@ -263,11 +274,12 @@ class SchedulerState:
         if isinstance(msg, m.RegisterWorker):
             self._add_worker(msg)
             return self._flush()
-        worker_id = peer.partition("/")[0]
+        worker_id, _, slot = peer.partition("/")
         ws = self.workers.get(worker_id)
         if ws is None:
             logger.warning("dropping %s from unknown worker %s", type(msg).__name__, worker_id)
             return []
+        self._from_slot = int(slot) if slot.isdigit() else -1
         handler = self._worker_handlers.get(type(msg))
         if handler is None:
             logger.warning("dropping unexpected %s from worker %s", type(msg).__name__, ws.name)
@@ -286,6 +298,7 @@ class SchedulerState:
                 self._data_lost(ts, ws)
         ws.has_what.clear()
         executing = {q[0] for q in ws.slots if q}
+        executing.update(t for t in ws.processing if t.recall is not None and t.recall.started)
         recalled: list[tuple[TaskState, _Recall]] = []
         for ts in sorted(ws.processing, key=lambda t: t.priority):
             ts.processing_on = None
@@ -399,7 +412,8 @@ class SchedulerState:
             elif ts.state == PROCESSING and ts.processing_on is not None:
                 ws = ts.processing_on
                 queue = ws.slots[ts.slot]
-                if queue and queue[0] is not ts:  # queued behind the executing task
+                started = ts.recall is not None and ts.recall.started
+                if queue and queue[0] is not ts and not started:  # queued behind the executing one
                     if ts.recall is None:
                         ts.recall = _Recall(cancel=True)
                         self._send(ws.id, m.CancelCompute(msg.request_id, ts.key, ts.slot))
@@ -481,6 +495,9 @@ class SchedulerState:
 
     def _worker_done(self, ws: WorkerState, msg: m.ComputeDone) -> None:
         ts = self.tasks.get(msg.key)
+        if ts is not None and ts.state == PROCESSING and ts.slot != self._from_slot:
+            logger.warning("dropping %s: %r was not sent to that slot", type(msg).__name__, ts.key)
+            return
         if ts is None or ts.state != PROCESSING or ts.processing_on is not ws:
             # stale: cancelled, rescheduled or forgotten meanwhile
             if ts is not None and ts.state == MEMORY:
@@ -510,6 +527,9 @@ class SchedulerState:
     def _worker_erred(self, ws: WorkerState, msg: m.ComputeErred) -> None:
         ts = self.tasks.get(msg.key)
         if ts is None or ts.state != PROCESSING or ts.processing_on is not ws:
+            return
+        if ts.slot != self._from_slot:
+            logger.warning("dropping ComputeErred: %r was not sent to that slot", ts.key)
             return
         self._release_slot(ts, ws)
         if ts.retries_left > 0:
@@ -581,6 +601,8 @@ class SchedulerState:
         recall = ts.recall
         if not msg.cancelled:  # it had started: it runs to completion where it is
             self._end_recall(ts, [])
+            ts.recall = _Recall(cancel=False)
+            ts.recall.started = True
             self._dispatch()
             return
         ts.recall = None  # _release_slot must not answer for it
@@ -638,6 +660,7 @@ class SchedulerState:
             self._forget(ts)
             return
         if ts.spec is None:
+            ts.state = WAITING  # out of MEMORY, or _fail would take it for finished and skip it
             where = f" on {ws.name}" if ws is not None else ""
             self._fail(
                 ts,
@@ -683,7 +706,7 @@ class SchedulerState:
                 continue
             if t.processing_on is not None:
                 if t is not ts:  # a dependent chained behind its input: withdraw it
-                    self._send(f"{t.processing_on.id}/{t.slot}", m.CancelCompute(0, t.key))
+                    self._send(t.processing_on.id, m.CancelCompute(0, t.key, t.slot))
                 self._release_slot(t, t.processing_on)
             t.state = ERRED
             t.error = error
@@ -837,9 +860,7 @@ class SchedulerState:
 
     def _dispatch_ready(self) -> None:
         capacity = self.slot_capacity()
-        open_workers = {
-            ws for ws in self.workers.values() if self._open_slot(ws, capacity) >= 0
-        }
+        open_workers = {ws for ws in self.workers.values() if self._open_slot(ws, capacity) >= 0}
         deferred = []
         while self._ready and open_workers:
             entry = heapq.heappop(self._ready)
@@ -899,6 +920,7 @@ class SchedulerState:
                 if (
                     ts.recall is None
                     and ts.processing_on is not None
+                    and not ts.waiting_on  # chained behind its inputs: it must stay with them
                     and self._fits(ts, thief)
                     and self._has_room(ts, thief)
                     and self._missing_bytes(ts, thief) <= STEAL_MAX_BYTES
@@ -953,7 +975,9 @@ class SchedulerState:
             (d.key, [w.address for w in d.who_has] if d.state == MEMORY else [ws.address])
             for d in ts.dependencies
         ]
-        self._send(f"{ws.id}/{slot}", m.Compute(ts.key, ts.priority, deps, ts.options, ts.spec or []))
+        self._send(
+            f"{ws.id}/{slot}", m.Compute(ts.key, ts.priority, deps, ts.options, ts.spec or [])
+        )
 
     def _send(self, peer: str, msg: Any) -> None:
         self._out.append((peer, msg))

@@ -2,7 +2,8 @@
 
 Theory of operation::
 
-    scheduler ◀─Register / Heartbeat / AddKeys─▶ ctrl (DEALER "worker-id")  ◀─ FreeKeys, Close
+    scheduler ◀─Register / Heartbeat / AddKeys─▶ ctrl (DEALER "worker-id")  ◀─ FreeKeys, Close,
+                                                                             CancelCompute
     scheduler ◀──── tasks and their results ───▶ slot 0..n-1 (execution.py, one thread each)
     peers, clients ──GetData / StoreData──▶ data (ROUTER): frames from the store, no pickling
 
@@ -25,7 +26,7 @@ from ..transport import serialize
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
 from ..transport.sockets import bind, make_socket
-from .execution import Initializers, Slot, _buffer
+from .execution import Initializers, Recalls, Slot, _buffer
 from .store import DataStore
 
 logger = logging.getLogger("meshpool.worker")
@@ -78,6 +79,7 @@ class Worker:
         self.data_address = bound
         functions = serialize.LoadedFunctions()
         initializers = Initializers()
+        self.recalls = Recalls()
         self.slots = [
             Slot(
                 i,
@@ -87,6 +89,7 @@ class Worker:
                 functions=functions,
                 initializers=initializers,
                 security=security,
+                recalls=self.recalls,
             )
             for i in range(nthreads)
         ]
@@ -152,15 +155,24 @@ class Worker:
             except MalformedMessage as exc:
                 logger.warning("dropping malformed message from the scheduler: %s", exc)
                 continue
-            if isinstance(msg, m.FreeKeys):
-                for key in msg.keys:
-                    self.store.free(key)
-            elif isinstance(msg, m.CloseWorker):
-                logger.info("worker %s closing: %s", self.name, msg.reason)
-                self.exit_reason = msg.reason
-                self.running = False
-            elif not isinstance(msg, m.Reply):
-                logger.warning("dropping unexpected %s on the control socket", type(msg).__name__)
+            try:
+                self._on_ctrl(msg)
+            except Exception as exc:  # well-formed, nonsense inside: drop it, keep serving
+                logger.warning("dropping bad %s from the scheduler: %r", type(msg).__name__, exc)
+
+    def _on_ctrl(self, msg: Any) -> None:
+        if isinstance(msg, m.FreeKeys):
+            for key in msg.keys:
+                self.store.free(key)
+        elif isinstance(msg, m.CancelCompute):
+            cancelled = self.recalls.cancel(msg.key, msg.slot)
+            self._send(m.CancelComputeReply(msg.key, msg.slot, cancelled))
+        elif isinstance(msg, m.CloseWorker):
+            logger.info("worker %s closing: %s", self.name, msg.reason)
+            self.exit_reason = msg.reason
+            self.running = False
+        elif not isinstance(msg, m.Reply):
+            logger.warning("dropping unexpected %s on the control socket", type(msg).__name__)
 
     def _drain_data(self) -> None:
         for _ in range(1000):
@@ -176,12 +188,15 @@ class Worker:
             except MalformedMessage as exc:
                 logger.warning("dropping malformed data request: %s", exc)
                 continue
-            if isinstance(msg, m.GetData):
-                self._serve(identity, msg)
-            elif isinstance(msg, m.StoreData):
-                self._store_data(msg)
-            else:
-                logger.warning("dropping unexpected %s on the data socket", type(msg).__name__)
+            try:
+                if isinstance(msg, m.GetData):
+                    self._serve(identity, msg)
+                elif isinstance(msg, m.StoreData):
+                    self._store_data(msg)
+                else:
+                    logger.warning("dropping unexpected %s on the data socket", type(msg).__name__)
+            except Exception as exc:  # a well-formed message with nonsense inside (fuzzing)
+                logger.warning("dropping bad %s on the data socket: %r", type(msg).__name__, exc)
 
     def _serve(self, identity: bytes, msg: m.GetData) -> None:
         items = []
