@@ -25,6 +25,9 @@ def session_executor():
     import meshpool
 
     ex = meshpool.Executor(2)
+    # Workers start in the background: wait for them here, or the first test using ``ex``
+    # would see them as processes it started and the reaper below would kill them.
+    ex.wait_for_workers(2, timeout=60)
     yield ex
     ex.shutdown(wait=True)
 

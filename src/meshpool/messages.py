@@ -16,27 +16,33 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .transport.header import MalformedMessage, dumps_header, loads_header
 
 Key = Any  # str, or a tuple of builtins (dask-style keys)
 
-_REGISTRY: dict[str, type] = {}
+_REGISTRY: dict[str, Any] = {}
 
 
-def _message(cls: type) -> type:
+def _register(cls: Any) -> Any:
     cls = dataclass(slots=True)(cls)
     names = [f.name for f in fields(cls) if f.name != "frames"]
-    cls._header_fields = tuple(names)  # type: ignore[attr-defined]
-    cls._getter = operator.attrgetter(*names) if names else None  # type: ignore[attr-defined]
-    cls._has_frames = any(f.name == "frames" for f in fields(cls))  # type: ignore[attr-defined]
-    _REGISTRY[cls.op] = cls  # type: ignore[attr-defined]
+    cls._header_fields = tuple(names)
+    cls._getter = operator.attrgetter(*names) if names else None
+    cls._has_frames = any(f.name == "frames" for f in fields(cls))
+    _REGISTRY[cls.op] = cls
     return cls
 
 
+if TYPE_CHECKING:  # type checkers see the dataclass (typed constructors, fields)
+    from dataclasses import dataclass as _message
+else:
+    _message = _register
+
+
 def encode(msg: Any) -> list:
-    cls = type(msg)
+    cls: Any = type(msg)
     getter = cls._getter
     if getter is None:
         header: tuple = (cls.op,)
@@ -372,7 +378,7 @@ def versions() -> dict:
 
     return {
         "meshpool": __version__,
-        "python": "%d.%d" % sys.version_info[:2],
+        "python": "{}.{}".format(*sys.version_info[:2]),
         "cloudpickle": cloudpickle.__version__,
     }
 

@@ -214,7 +214,7 @@ class Future(_base.Future):
             _callbacks().put(self)
 
     def _run_callbacks(self) -> None:
-        _base.Future._invoke_callbacks(self)
+        _base.Future._invoke_callbacks(self)  # type: ignore[attr-defined]
 
     # --- graph pictures ----------------------------------------------------------------------
 

@@ -110,7 +110,9 @@ class SchedulerServer:
             except (MalformedMessage, UnicodeDecodeError) as exc:
                 logger.warning("dropping malformed message: %s", exc)
                 continue
-            self._last_seen[peer] = now
+            # any traffic is a sign of life; a slot's ("worker-id/n") counts for its worker, as
+            # slots only speak when they finish tasks (they would look "unresponsive" otherwise)
+            self._last_seen[peer.partition("/")[0]] = now
             try:
                 self._dispatch(peer, msg)
             except Exception:
@@ -190,7 +192,9 @@ class SchedulerServer:
         except zmq.ZMQError as exc:
             self._peer_gone(peer, f"unreachable ({exc.strerror})")
             return False
-        self.bytes_sent += sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames)
+        self.bytes_sent += sum(
+            len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames
+        )
         return True
 
     def _peer_gone(self, peer: str, reason: str) -> None:

@@ -17,6 +17,7 @@ Theory of operation:
 
 from __future__ import annotations
 
+import copyreg
 import io
 import pickle
 import traceback
@@ -51,7 +52,7 @@ class _KeyPickler(pickle.Pickler):
 
     def persistent_id(self, obj: Any) -> Any:  # noqa: D401 - pickle hook
         if isinstance(obj, self.ref_type):
-            return obj.key
+            return obj.key  # type: ignore[union-attr]
         return None
 
 
@@ -60,7 +61,7 @@ class _KeyCloudPickler(cloudpickle.CloudPickler):
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, self.ref_type):
-            return obj.key
+            return obj.key  # type: ignore[union-attr]
         return None
 
 
@@ -213,7 +214,9 @@ def dumps_exception(exc: BaseException) -> Frames:
             tb_dict = None
     remote = _remote_error(exc, tb_text)
     try:
-        payload = cloudpickle.dumps(exc, protocol=5)
+        out = io.BytesIO()
+        _ExceptionPickler(out, protocol=5).dump(exc)
+        payload = out.getvalue()
         pickle.loads(payload)  # an exception that cannot be rebuilt must not travel as itself
     except Exception:
         payload = pickle.dumps(remote, protocol=5)
@@ -221,6 +224,18 @@ def dumps_exception(exc: BaseException) -> Frames:
     # (its class is importable only on the worker), its RemoteError still names them
     info = (tb_dict, tb_text, remote.type_name, remote.message)
     return [pickle.dumps(info, protocol=5), payload]
+
+
+class _ExceptionPickler(cloudpickle.Pickler):
+    """cloudpickle, but exceptions pickle by their own ``__reduce__``, ignoring reducers that
+    a library registered globally with copyreg: ``tblib.pickling_support.install()`` (which
+    importing ``dask.multiprocessing`` calls) rebuilds SystemExit without its ``code`` and
+    StopIteration without its ``value``. The traceback travels apart anyway (tblib dict)."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, BaseException) and type(obj) in copyreg.dispatch_table:
+            return obj.__reduce_ex__(5)
+        return super().reducer_override(obj)
 
 
 def _remote_error(exc: BaseException, tb_text: str) -> RemoteError:

@@ -31,6 +31,13 @@ def _watch_parent(cleanup: list[str], cleanup_dir: str | None) -> None:
             os.rmdir(cleanup_dir)  # succeeds for the last one out
         except OSError:
             pass
+    # os._exit skips the interpreter's flush: output tasks printed without flush=True into a
+    # pipe (block-buffered) would be lost
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
     os._exit(0)
 
 

@@ -2,16 +2,21 @@
 
 Theory of operation::
 
-    scheduler ──Compute / CancelCompute / RunInitializer──▶ slot i (DEALER "worker-id/i")
+    scheduler ──Compute / RunInitializer──▶ slot i (DEALER "worker-id/i")
               ◀──ComputeDone / ComputeErred / MissingData / AddKeys──┘
 
 Each execution thread is a *slot*: the scheduler sends a slot its tasks directly, and the slot
 runs them strictly in arrival order and answers on the same socket. A task therefore costs the
-worker one thread wake-up, and the scheduler always knows which task a slot is executing: the
-oldest one it sent there that has not finished. So a worker's death is blamed only on tasks that
-were executing (KilledWorker), and cancelling a task queued behind it needs no round trip: the
-scheduler sends CancelCompute, which the slot reads before it starts anything else (it drains its
-socket between tasks).
+worker one thread wake-up, and the scheduler knows which task a slot is executing: the oldest one
+it sent there that has not finished. So a worker's death is blamed only on tasks that were
+executing (KilledWorker).
+
+That knowledge lags, though: when a slot finishes one task it starts the next at once, while its
+ComputeDone is still on the way. So taking back a queued task (a client's cancel, or an idle
+worker stealing it) is decided here, by :class:`Recalls`: the worker's control thread, which never
+runs user code, answers the scheduler's CancelCompute at once, under the lock each slot takes
+before starting a task. A task recalled before it started never starts; one already started
+(or finished) is reported as such and the scheduler lets it be.
 
 Inputs the worker lacks are fetched by the slot itself from the peers' data sockets, trying each
 holder in turn (:data:`FETCH_TIMEOUT` each); if none answers, MissingData tells the scheduler.
@@ -64,6 +69,46 @@ class Initializers:
         return None
 
 
+class Recalls:
+    """Tasks taken back before they started, and tasks that started (see the module docstring).
+
+    Keyed by (key, slot): a task recalled from one slot and sent to another slot of this worker
+    must not be dropped by the second one.
+    """
+
+    FINISHED_MEMORY = 4096  # finished tasks remembered: covers completions still in flight
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled: set = set()
+        self._running: set = set()
+        self._finished: dict = {}  # insertion-ordered, bounded
+
+    def cancel(self, key: Any, slot: int) -> bool:
+        """Control thread: True if the task had not started (and now never will)."""
+        with self._lock:
+            if (key, slot) in self._running or (key, slot) in self._finished:
+                return False
+            self._cancelled.add((key, slot))
+            return True
+
+    def start(self, key: Any, slot: int) -> bool:
+        """Slot thread, before running a task: False if it was recalled."""
+        with self._lock:
+            if (key, slot) in self._cancelled:
+                self._cancelled.discard((key, slot))
+                return False
+            self._running.add((key, slot))
+            return True
+
+    def finish(self, key: Any, slot: int) -> None:
+        with self._lock:
+            self._running.discard((key, slot))
+            self._finished[(key, slot)] = None
+            if len(self._finished) > self.FINISHED_MEMORY:
+                del self._finished[next(iter(self._finished))]
+
+
 class Slot(threading.Thread):
     """One execution thread with its own connection to the scheduler."""
 
@@ -77,8 +122,10 @@ class Slot(threading.Thread):
         functions: serialize.LoadedFunctions,
         initializers: Initializers,
         security: Security | None,
+        recalls: Recalls | None = None,
     ) -> None:
         super().__init__(name=f"meshpool-slot-{index}", daemon=True)
+        self.recalls = recalls if recalls is not None else Recalls()
         self.index = index
         self.worker_id = worker_id
         self.store = store
@@ -99,15 +146,19 @@ class Slot(threading.Thread):
         self._send(m.SlotHello(self.worker_id, self.index))
         try:
             while self.running:
-                if not self.queue:
-                    if not self.sock.poll(250):
-                        continue
+                if not self.queue and not self.sock.poll(250):
+                    continue
                 self._drain()
                 if self.queue:
                     compute = self.queue.popleft()
+                    if not self.recalls.start(compute.key, self.index):
+                        continue  # taken back by the scheduler before it started
                     self.current = compute.key
-                    self._send_frames(self.execute(compute))
-                    self.current = None
+                    try:
+                        self._send_frames(self.execute(compute))
+                    finally:
+                        self.current = None
+                        self.recalls.finish(compute.key, self.index)
         except zmq.ContextTerminated:
             pass
         finally:
@@ -121,7 +172,7 @@ class Slot(threading.Thread):
         self.sock.send_multipart(frames, copy=False)
 
     def _drain(self) -> None:
-        """Read everything waiting: queue computes, apply cancels, run initializers."""
+        """Read everything waiting: queue computes, run initializers."""
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -134,8 +185,6 @@ class Slot(threading.Thread):
                 continue
             if isinstance(msg, m.Compute):
                 self.queue.append(msg)
-            elif isinstance(msg, m.CancelCompute):
-                self.queue = collections.deque(c for c in self.queue if c.key != msg.key)
             elif isinstance(msg, m.RunInitializer):
                 error = self.initializers.run(msg.frames)
                 if error is not None:
