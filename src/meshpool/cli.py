@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="host name or IP that peers use to reach this host")
     work.add_argument("--listen-host", default=_env("listen_host", "0.0.0.0"),
                       help="interface the data sockets bind")
+    work.add_argument("--retire-timeout", type=float,
+                      default=float(_env("retire_timeout", "60") or 60),
+                      help="seconds to hand off data on SIGTERM before stopping anyway")
     work.add_argument("--log-level", default=_env("log_level", "INFO"))
 
     keygen = sub.add_parser("keygen", help="write a cluster's credentials into DIR")
@@ -144,7 +147,8 @@ def _worker(args: argparse.Namespace) -> int:
     print(f"meshpool worker: {args.nworkers} process(es) for {args.address}", flush=True)
     while not stop.wait(0.5):
         pass
-    workers.close()
+    # retire gracefully: results move to the remaining workers before these exit
+    workers.close(graceful=0.0 if restart_failed.is_set() else args.retire_timeout)
     if restart_failed.is_set():
         print("meshpool worker: worker processes keep failing to start", file=sys.stderr)
         return 1

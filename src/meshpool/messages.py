@@ -260,6 +260,16 @@ class StoreData:
 
 
 @_message
+class ReplicateKeys:
+    """Fetch these keys from where they are (a retiring worker) and keep them.
+
+    Rows: (key, [data addresses])."""
+
+    op: ClassVar[str] = "replicate"
+    items: list
+
+
+@_message
 class CloseWorker:
     op: ClassVar[str] = "close"
     reason: str
@@ -340,6 +350,14 @@ class SlotHello:
     op: ClassVar[str] = "slot-hello"
     worker_id: str
     slot: int
+
+
+@_message
+class RetireMe:
+    """A worker asks to leave gracefully (its nanny got SIGTERM): hand off its data first."""
+
+    op: ClassVar[str] = "retire-me"
+    reason: str
 
 
 @_message

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -126,11 +127,12 @@ class LocalWorkers:
             wp.registered = True
             self.failed_starts = 0
 
-    def exited(self, worker_id: str) -> bool:
-        """Forget an exited process and restart it; False once starts keep failing."""
+    def exited(self, worker_id: str, restart: bool = True) -> bool:
+        """Forget an exited process and restart it (unless it was retired on purpose);
+        False once starts keep failing."""
         with self._lock:
             wp = self.processes.pop(worker_id, None)
-            if wp is None or self.closing:
+            if wp is None or self.closing or not restart:
                 return True
             if wp.process.stdin is not None:
                 try:
@@ -147,11 +149,27 @@ class LocalWorkers:
     def pids(self) -> list[int]:
         return [wp.process.pid for wp in self.processes.values()]
 
-    def close(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Stop every worker: close their stdin (they exit), then kill any that linger."""
+    def close(self, timeout: float = STOP_TIMEOUT, graceful: float = 0.0) -> None:
+        """Stop every worker: close their stdin (they exit), then kill any that linger.
+
+        With ``graceful`` seconds, first ask each to retire (SIGTERM: it hands its data to the
+        remaining workers through the scheduler and exits) and wait that long for it.
+        """
         with self._lock:
             self.closing = True
             procs = list(self.processes.values())
+        if graceful > 0:
+            for wp in procs:
+                try:
+                    wp.process.send_signal(signal.SIGTERM)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + graceful
+            for wp in procs:
+                try:
+                    wp.process.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
         for wp in procs:
             if wp.process.stdin is not None:
                 try:

@@ -381,8 +381,9 @@ class ClientCore:
     def _cmd_worker_exited(self, worker_id: str, code: int) -> None:
         if self.server is None:
             return
+        retired = worker_id in self.server.state._retired
         self.server.remove_worker(worker_id, f"process exited with code {code}")
-        if not self.cluster.exited(worker_id):
+        if not self.cluster.exited(worker_id, restart=not retired):
             self._break(
                 errors.WorkerStartError(
                     f"worker processes failed to start {self.cluster.failed_starts} times in a "

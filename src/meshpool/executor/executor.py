@@ -172,9 +172,11 @@ class Executor(cf.Executor):
         """The cluster's workers: name, id, address, threads, memory limit, running tasks..."""
         return self._core.request(m.GetWorkers, self._core.timeout)
 
-    def retire_workers(self, names: list[str]) -> list[str]:
-        """Close the named workers; return the names that were retired."""
-        return self._core.request(lambda rid: m.RetireWorkers(rid, list(names)), None)
+    def retire_workers(self, names: list[str], timeout: float | None = None) -> list[str]:
+        """Retire the named workers gracefully: they take no new tasks, finish what they run,
+        and hand the results only they hold to the other workers before closing (no future
+        loses its value). Returns the names retired. A local cluster does not restart them."""
+        return self._core.request(lambda rid: m.RetireWorkers(rid, list(names)), timeout)
 
     def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> None:
         """Block until at least ``n`` workers have joined."""

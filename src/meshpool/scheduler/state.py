@@ -182,6 +182,8 @@ class WorkerState:
         "nbytes",
         "pid",
         "versions",
+        "retiring",
+        "handoff",
     )
 
     def __init__(self, msg: m.RegisterWorker) -> None:
@@ -198,6 +200,8 @@ class WorkerState:
         self.has_what: set[TaskState] = set()
         self.nbytes = 0
         self.pid = msg.pid
+        self.retiring: list | None = None  # None, or the (client, request) waiting on it
+        self.handoff: set = set()  # keys asked to be copied elsewhere while retiring
         self.versions = msg.versions
 
     def __repr__(self) -> str:
@@ -235,6 +239,7 @@ class SchedulerState:
         self._thieves: set[tuple[str, int]] = set()  # idle slots waiting for a stolen task
         self._mean_duration = DEFAULT_DURATION
         self._from_slot = -1  # the slot index of the worker message being handled
+        self._retired: set[str] = set()  # told to close after retiring (no longer schedulable)
         self._out: Outgoing = []
         self._client_handlers: dict[type, Callable[[str, Any], None]] = {
             m.SubmitTasks: self._client_submit,
@@ -254,6 +259,7 @@ class SchedulerState:
             m.InitializerErred: self._worker_initializer_erred,
             m.AddKeys: self._worker_add_keys,
             m.SlotHello: self._worker_slot_hello,
+            m.RetireMe: self._worker_retire_me,
             m.CancelComputeReply: self._worker_cancel_reply,
             m.Heartbeat: self._worker_heartbeat,
         }
@@ -267,6 +273,7 @@ class SchedulerState:
             logger.warning("dropping unexpected %s from client %s", type(msg).__name__, client_id)
             return []
         handler(client_id, msg)
+        self._advance_retirements()
         return self._flush()
 
     def handle_worker(self, peer: str, msg: Any) -> Outgoing:
@@ -285,6 +292,7 @@ class SchedulerState:
             logger.warning("dropping unexpected %s from worker %s", type(msg).__name__, ws.name)
             return []
         handler(ws, msg)
+        self._advance_retirements()
         return self._flush()
 
     def remove_worker(self, worker_id: str, reason: str = "connection lost") -> Outgoing:
@@ -292,6 +300,10 @@ class SchedulerState:
         if ws is None:
             return []
         logger.info("worker %s removed: %s", ws.name, reason)
+        self._retired.discard(worker_id)
+        for client_id, request_id, names in ws.retiring or ():
+            if not any(w.name in names for w in self.workers.values()):
+                self._out.append((client_id, m.Reply(request_id, names)))
         for ts in list(ws.has_what):
             ts.who_has.discard(ws)
             if not ts.who_has and ts.state == MEMORY:
@@ -326,6 +338,7 @@ class SchedulerState:
             cancel = recall.cancel and ts.state not in _FINISHED
             self._end_recall(ts, self._cancel(ts) if cancel else [])
         self._dispatch()
+        self._advance_retirements()
         return self._flush()
 
     def remove_client(self, client_id: str) -> Outgoing:
@@ -473,11 +486,71 @@ class SchedulerState:
 
     def _client_retire(self, client_id: str, msg: m.RetireWorkers) -> None:
         names = set(msg.names)
-        retired = [ws.name for ws in self.workers.values() if ws.name in names or ws.id in names]
-        for ws in list(self.workers.values()):
-            if ws.name in retired:
-                self._send(ws.id, m.CloseWorker("retired by a client"))
-        self._out.append((client_id, m.Reply(msg.request_id, retired)))
+        targets = [ws for ws in self.workers.values() if ws.name in names or ws.id in names]
+        if not targets:
+            self._out.append((client_id, m.Reply(msg.request_id, [])))
+            return
+        request = (client_id, msg.request_id, [ws.name for ws in targets])
+        for ws in targets:
+            self._start_retire(ws, request)
+
+    # --- graceful retirement ------------------------------------------------------------------
+    #
+    # A retiring worker gets no new tasks (its slots are no longer open) and finishes those it
+    # has; every result it alone holds is copied to another worker (ReplicateKeys: the other
+    # worker fetches it from the retiring one's data socket and answers AddKeys). Once it runs
+    # nothing and holds nothing only it has, it is told to close: no future loses its value.
+
+    def _start_retire(self, ws: WorkerState, request: tuple | None) -> None:
+        if ws.retiring is None:
+            ws.retiring = []
+            ws.ready_slots = []
+            logger.info("worker %s retiring: handing off its data", ws.name)
+        if request is not None:
+            ws.retiring.append(request)
+        self._advance_retirements()
+
+    def _worker_retire_me(self, ws: WorkerState, msg: m.RetireMe) -> None:
+        self._start_retire(ws, None)
+
+    def _advance_retirements(self) -> None:
+        retiring = [ws for ws in self.workers.values() if ws.retiring is not None]
+        if not retiring:
+            return
+        staying = [ws for ws in self.workers.values() if ws.retiring is None]
+        for ws in retiring:
+            sole = [ts for ts in ws.has_what if ts.who_has == {ws} and ts.state == MEMORY]
+            if sole and staying:
+                self._hand_off(ws, [ts for ts in sole if ts.key not in ws.handoff], staying)
+                continue
+            if sole:
+                logger.warning(
+                    "retiring %s, the last worker: %d results will be recomputed later",
+                    ws.name,
+                    len(sole),
+                )
+            if ws.processing:
+                continue
+            self._send(ws.id, m.CloseWorker("retired"))
+            requests, ws.retiring = ws.retiring, None
+            self._retired.add(ws.id)
+            for client_id, request_id, names in requests:
+                if not any(
+                    w.name in names and w.id not in self._retired for w in self.workers.values()
+                ):
+                    self._out.append((client_id, m.Reply(request_id, names)))
+
+    def _hand_off(self, ws: WorkerState, tasks: list, staying: list[WorkerState]) -> None:
+        """Ask the staying workers (least loaded first) to copy ``tasks`` from ``ws``."""
+        planned = {w.id: w.nbytes for w in staying}
+        by_target: dict[str, list] = {}
+        for ts in tasks:
+            target = min(staying, key=lambda w: planned[w.id])
+            planned[target.id] += ts.nbytes
+            by_target.setdefault(target.id, []).append((ts.key, [ws.address]))
+            ws.handoff.add(ts.key)
+        for target_id, items in by_target.items():
+            self._send(target_id, m.ReplicateKeys(items))
 
     # --- workers -----------------------------------------------------------------------------
 
@@ -627,6 +700,8 @@ class SchedulerState:
         self._dispatch()
 
     def _worker_slot_hello(self, ws: WorkerState, msg: m.SlotHello) -> None:
+        if ws.retiring is not None or ws.id in self._retired:
+            return
         if 0 <= msg.slot < ws.nthreads and msg.slot not in ws.ready_slots:
             ws.ready_slots.append(msg.slot)
             for frames in self.initializers:

@@ -88,6 +88,9 @@ def main() -> None:
         # os._exit, not a normal exit: the parent-watch thread may be blocked reading stdin,
         # and interpreter shutdown would then abort on stdin's lock ("Fatal Python error").
         os._exit(1)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: worker.request_retire())
     try:
         worker.run()
     finally:

@@ -32,6 +32,7 @@ from .store import DataStore
 logger = logging.getLogger("meshpool.worker")
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on the control connection
+REPLICA_TIMEOUT = 60.0  # a retiring peer that has not sent its data by then is given up on
 SCHEDULER_SILENCE = 30.0  # no word from the scheduler this long: it is gone, and so do we
 POLL_MS = 250
 
@@ -63,6 +64,12 @@ class Worker:
         self.exit_reason = ""
         self._last_heartbeat = 0.0
         self._last_from_scheduler = time.monotonic()
+        self.security = security
+        self._retire_requested = False
+        self._retire_sent = False
+        self._replica_peers: dict[str, zmq.Socket] = {}
+        self._replica_started: dict[str, float] = {}
+        self._replica_request = 0
 
         self.ctrl = make_socket(zmq.DEALER, identity=worker_id.encode())
         if security is not None:
@@ -109,7 +116,7 @@ class Worker:
                 os.getpid(),
             )
         )
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(self.ctrl, zmq.POLLIN)
         poller.register(self.data, zmq.POLLIN)
         try:
@@ -119,21 +126,84 @@ class Worker:
                     self._drain_ctrl()
                 if self.data in events:
                     self._drain_data()
+                for address, sock in list(self._replica_peers.items()):
+                    if sock in events:
+                        self._drain_replicas(address, sock)
                 self._on_tick(time.monotonic())
         finally:
             self.close()
+
+    def request_retire(self) -> None:
+        """Signal handler (SIGTERM from the nanny): leave once our data is safe elsewhere."""
+        self._retire_requested = True
+
+    # --- copies of a retiring peer's data (ReplicateKeys) --------------------------------------
+
+    def _on_replicate(self, msg: m.ReplicateKeys) -> None:
+        by_address: dict[str, list] = {}
+        for key, addresses in msg.items:
+            if key not in self.store and addresses:
+                by_address.setdefault(addresses[0], []).append(key)
+        for address, keys in by_address.items():
+            sock = self._replica_peers.get(address)
+            if sock is None:
+                sock = self._replica_peers[address] = make_socket(zmq.DEALER)
+                if self.security is not None and address.startswith("tcp://"):
+                    self.security.client(sock, address)
+                sock.connect(address)
+                self._poller.register(sock, zmq.POLLIN)
+            self._replica_request += 1
+            self._replica_started[address] = time.monotonic()
+            sock.send_multipart(m.encode(m.GetData(self._replica_request, keys)))
+
+    def _drain_replicas(self, address: str, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = m.decode([frames[0].bytes, *[_buffer(f) for f in frames[1:]]])
+                added = []
+                offset = 0
+                for key, nframes in msg.items:
+                    if nframes >= 0:
+                        value_frames = msg.frames[offset : offset + nframes]
+                        offset += nframes
+                        added.append((key, self.store.put_frames(key, value_frames)))
+            except Exception as exc:
+                logger.warning("dropping a bad replica reply from %s: %r", address, exc)
+                continue
+            if added:
+                self._send(m.AddKeys(added))
+
+    def _drop_replica_peers(self, now: float) -> None:
+        for address, started in list(self._replica_started.items()):
+            if now - started > REPLICA_TIMEOUT:
+                del self._replica_started[address]
+                sock = self._replica_peers.pop(address, None)
+                if sock is not None:
+                    self._poller.unregister(sock)
+                    sock.close(linger=0)
 
     def close(self) -> None:
         self.running = False
         for slot in self.slots:
             slot.running = False
-        self.ctrl.close(linger=0)
+        for sock in self._replica_peers.values():
+            sock.close(linger=0)
+        self.ctrl.close(linger=200)  # let a last message (AddKeys) go out
         self.data.close(linger=0)
 
     def _send(self, msg: Any) -> None:
         self.ctrl.send_multipart(m.encode(msg), copy=False)
 
     def _on_tick(self, now: float) -> None:
+        if self._retire_requested and not self._retire_sent:
+            self._retire_sent = True
+            self._send(m.RetireMe("the worker was asked to stop (SIGTERM)"))
+        if self._replica_started:
+            self._drop_replica_peers(now)
         if now - self._last_heartbeat >= HEARTBEAT_INTERVAL:
             self._last_heartbeat = now
             executing = sum(1 for s in self.slots if s.current is not None)
@@ -167,6 +237,8 @@ class Worker:
         elif isinstance(msg, m.CancelCompute):
             cancelled = self.recalls.cancel(msg.key, msg.slot)
             self._send(m.CancelComputeReply(msg.key, msg.slot, cancelled))
+        elif isinstance(msg, m.ReplicateKeys):
+            self._on_replicate(msg)
         elif isinstance(msg, m.CloseWorker):
             logger.info("worker %s closing: %s", self.name, msg.reason)
             self.exit_reason = msg.reason
