@@ -300,8 +300,7 @@ class SchedulerState:
         if ws is None:
             return []
         logger.info("worker %s removed: %s", ws.name, reason)
-        self._retired.discard(worker_id)
-        for client_id, request_id, names in ws.retiring or ():
+        for client_id, request_id, names in ws.retiring or ():  # died while retiring
             if not any(w.name in names for w in self.workers.values()):
                 self._out.append((client_id, m.Reply(request_id, names)))
         for ts in list(ws.has_what):
@@ -478,7 +477,7 @@ class SchedulerState:
                 self._report(ts, client_id)
 
     def _client_get_workers(self, client_id: str, msg: m.GetWorkers) -> None:
-        info = [ws.info() for ws in self.workers.values()]
+        info = [ws.info() for ws in self.workers.values() if ws.id not in self._retired]
         self._out.append((client_id, m.Reply(msg.request_id, info)))
 
     def _client_ping(self, client_id: str, msg: m.Ping) -> None:
@@ -534,6 +533,8 @@ class SchedulerState:
             self._send(ws.id, m.CloseWorker("retired"))
             requests, ws.retiring = ws.retiring, None
             self._retired.add(ws.id)
+            # gone from the state now, so nobody is sent to fetch from it any more
+            self._out = self.remove_worker(ws.id, "retired")
             for client_id, request_id, names in requests:
                 if not any(
                     w.name in names and w.id not in self._retired for w in self.workers.values()
