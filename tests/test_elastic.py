@@ -134,3 +134,15 @@ def test_restricted_task_waits_for_a_fitting_worker(cluster_env, caplog):
         gpu_worker = [w for w in ex.workers() if w["name"] == "later-0"][0]
         assert gpu_worker["resources"] == {"GPU": 1.0}
         assert gpu_task.result() == gpu_worker["pid"]
+
+
+def test_worker_with_wrong_credentials_fails_fast_and_clearly(cluster_env, tmp_path):
+    env, keys, address, procs = cluster_env
+    other = tmp_path / "other-keys"
+    subprocess.run([sys.executable, "-m", "meshpool.cli", "keygen", str(other)], check=True)
+    for flags in (["--security", str(other)], ["--insecure"]):
+        worker = _start(["worker", address, *flags], env)
+        procs.append(worker)
+        out, _ = worker.communicate(timeout=30)  # liveness bound; it takes about a second
+        assert worker.returncode == 1
+        assert "refused our credentials" in out, out

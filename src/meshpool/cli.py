@@ -111,11 +111,18 @@ def _worker(args: argparse.Namespace) -> int:
     security = None
     if not args.insecure:
         security = sec.client_credentials(args.security, args.address)
+    from .worker.server import CREDENTIALS_REFUSED
+
     stop = threading.Event()
     restart_failed = threading.Event()
+    refused = threading.Event()
 
     def on_exit(worker_id: str, code: int) -> None:
-        if not stop.is_set() and not workers.exited(worker_id):
+        if code == CREDENTIALS_REFUSED:  # retrying cannot help
+            refused.set()
+            restart_failed.set()
+            stop.set()
+        elif not stop.is_set() and not workers.exited(worker_id):
             restart_failed.set()
             stop.set()
 
@@ -149,6 +156,13 @@ def _worker(args: argparse.Namespace) -> int:
         pass
     # retire gracefully: results move to the remaining workers before these exit
     workers.close(graceful=0.0 if restart_failed.is_set() else args.retire_timeout)
+    if refused.is_set():
+        print(
+            f"meshpool worker: the scheduler at {args.address} refused our credentials "
+            "(use the cluster's: --security DIR or MESHPOOL_SECURITY)",
+            file=sys.stderr,
+        )
+        return 1
     if restart_failed.is_set():
         print("meshpool worker: worker processes keep failing to start", file=sys.stderr)
         return 1

@@ -96,7 +96,7 @@ def main() -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(worker.exit_code)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from .store import DataStore
 logger = logging.getLogger("meshpool.worker")
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on the control connection
+CREDENTIALS_REFUSED = 3  # exit code: the nanny does not restart a worker the scheduler refused
 REPLICA_TIMEOUT = 60.0  # a retiring peer that has not sent its data by then is given up on
 SCHEDULER_SILENCE = 30.0  # no word from the scheduler this long: it is gone, and so do we
 POLL_MS = 250
@@ -62,6 +63,7 @@ class Worker:
         self.store = DataStore()
         self.running = True
         self.exit_reason = ""
+        self.exit_code = 0
         self._last_heartbeat = 0.0
         self._last_from_scheduler = time.monotonic()
         self.security = security
@@ -74,6 +76,14 @@ class Worker:
         self.ctrl = make_socket(zmq.DEALER, identity=worker_id.encode())
         if security is not None:
             security.client(self.ctrl, scheduler_address)
+        # a refused security handshake is reported by the socket monitor: exit at once with a
+        # clear message (and CREDENTIALS_REFUSED, which tells the nanny not to retry)
+        self._monitor = self.ctrl.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        )
         self.ctrl.connect(scheduler_address)
         self.data = make_socket(zmq.ROUTER)
         if security is not None and data_address.startswith("tcp://"):
@@ -119,9 +129,12 @@ class Worker:
         poller = self._poller = zmq.Poller()
         poller.register(self.ctrl, zmq.POLLIN)
         poller.register(self.data, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         try:
             while self.running:
                 events = dict(poller.poll(POLL_MS))
+                if self._monitor in events:
+                    self._check_handshake()
                 if self.ctrl in events:
                     self._drain_ctrl()
                 if self.data in events:
@@ -132,6 +145,23 @@ class Worker:
                 self._on_tick(time.monotonic())
         finally:
             self.close()
+
+    def _check_handshake(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                continue
+            secured = "our credentials are not the cluster's"
+            self.exit_reason = (
+                f"the scheduler at {self.scheduler_address} refused the connection: "
+                + (secured if self.security is not None else "it requires credentials")
+            )
+            self.exit_code = CREDENTIALS_REFUSED
+            logger.error("worker %s: %s", self.name, self.exit_reason)
+            self.running = False
+            return
 
     def request_retire(self) -> None:
         """Signal handler (SIGTERM from the nanny): leave once our data is safe elsewhere."""
@@ -190,6 +220,8 @@ class Worker:
         self.running = False
         for slot in self.slots:
             slot.running = False
+        self.ctrl.disable_monitor()
+        self._monitor.close(linger=0)
         for sock in self._replica_peers.values():
             sock.close(linger=0)
         self.ctrl.close(linger=200)  # let a last message (AddKeys) go out
