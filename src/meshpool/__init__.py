@@ -32,6 +32,7 @@ _EXPORTS = {
     "delayed": "meshpool.graph",
     "Delayed": "meshpool.graph",
     "visualize": "meshpool.graph",
+    "progress": "meshpool.progressbar",
     "MeshpoolError": "meshpool.errors",
     "RemoteError": "meshpool.errors",
     "SerializationError": "meshpool.errors",
