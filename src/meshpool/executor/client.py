@@ -700,6 +700,8 @@ _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
 )
 
 
@@ -711,6 +713,8 @@ def _await_reply(dealer: zmq.Socket, monitor: zmq.Socket, timeout: float) -> str
     poller.register(dealer, zmq.POLLIN)
     poller.register(monitor, zmq.POLLIN)
     deadline = time.monotonic() + timeout
+    handshake_ok = False
+    early_drops = 0  # dropped before any handshake succeeded: a mechanism mismatch, usually
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -720,9 +724,16 @@ def _await_reply(dealer: zmq.Socket, monitor: zmq.Socket, timeout: float) -> str
             return None
         if monitor in events:
             event = recv_monitor_message(monitor)["event"]
-            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                handshake_ok = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                early_drops += 0 if handshake_ok else 1
+                if early_drops >= 3:
+                    return "security handshake failed"
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 return "authentication failed"
-            return "security handshake failed"
+            else:
+                return "security handshake failed"
 
 
 def _bytes_or_buffer(frame: zmq.Frame) -> Any:

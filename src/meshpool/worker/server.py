@@ -10,6 +10,9 @@ Theory of operation::
 The loop thread never runs user code and never unpickles user data; it serves stored frames,
 registers data that clients send straight here, frees keys, and beats. Heartbeats and every other
 message ride the control connection; the scheduler's pings coming back are its proof of life.
+
+A task waiting for other tasks gives its slot to a replacement thread; ``max_replacements`` caps
+those per worker, past which a waiting task runs its slot's queue itself (execution.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ..transport import serialize
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
 from ..transport.sockets import bind, make_socket
-from .execution import Initializers, Recalls, Slot, _buffer
+from .execution import MAX_REPLACEMENTS, Initializers, Recalls, Replacements, Slot, _buffer
 from .store import DataStore
 
 logger = logging.getLogger("meshpool.worker")
@@ -52,6 +55,7 @@ class Worker:
         resources: dict | None = None,
         security: Security | None = None,
         scheduler_silence: float = SCHEDULER_SILENCE,
+        max_replacements: int = MAX_REPLACEMENTS,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.worker_id = worker_id
@@ -64,6 +68,7 @@ class Worker:
         self.running = True
         self.exit_reason = ""
         self.exit_code = 0
+        self._unsent: list = []  # control messages waiting for a connection
         self._last_heartbeat = 0.0
         self._last_from_scheduler = time.monotonic()
         self.security = security
@@ -83,7 +88,10 @@ class Worker:
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            | zmq.EVENT_DISCONNECTED
         )
+        self._handshake_ok = False
+        self._early_drops = 0  # connections dropped before any handshake succeeded
         self.ctrl.connect(scheduler_address)
         self.data = make_socket(zmq.ROUTER)
         if security is not None and data_address.startswith("tcp://"):
@@ -97,6 +105,7 @@ class Worker:
         functions = serialize.LoadedFunctions()
         initializers = Initializers()
         self.recalls = Recalls()
+        self.replacements = Replacements(max_replacements)
         self.slots = [
             Slot(
                 i,
@@ -107,6 +116,7 @@ class Worker:
                 initializers=initializers,
                 security=security,
                 recalls=self.recalls,
+                replacements=self.replacements,
             )
             for i in range(nthreads)
         ]
@@ -152,7 +162,16 @@ class Worker:
         while self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_ok = True
                 continue
+            if event == zmq.EVENT_DISCONNECTED:
+                # a mechanism mismatch (plain against CURVE) may show only as the scheduler
+                # dropping us before any handshake succeeded, again and again
+                if self._handshake_ok:
+                    continue
+                self._early_drops += 1
+                if self._early_drops < 3:
+                    continue
             secured = "our credentials are not the cluster's"
             self.exit_reason = (
                 f"the scheduler at {self.scheduler_address} refused the connection: "
@@ -220,17 +239,27 @@ class Worker:
         self.running = False
         for slot in self.slots:
             slot.running = False
-        self.ctrl.disable_monitor()
-        self._monitor.close(linger=0)
+        self._monitor.close(linger=0)  # (no disable_monitor(): it can block on a full pipe)
         for sock in self._replica_peers.values():
             sock.close(linger=0)
         self.ctrl.close(linger=200)  # let a last message (AddKeys) go out
         self.data.close(linger=0)
 
     def _send(self, msg: Any) -> None:
-        self.ctrl.send_multipart(m.encode(msg), copy=False)
+        """Never block the loop: with no connection to the scheduler (not yet up, or it refused
+        our handshake) a message is kept for retry on the next tick, or dropped if it is a
+        heartbeat (the next one says the same)."""
+        try:
+            self.ctrl.send_multipart(m.encode(msg), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if not isinstance(msg, m.Heartbeat):
+                self._unsent.append(msg)
 
     def _on_tick(self, now: float) -> None:
+        if self._unsent:
+            unsent, self._unsent = self._unsent, []
+            for msg in unsent:
+                self._send(msg)
         if self._retire_requested and not self._retire_sent:
             self._retire_sent = True
             self._send(m.RetireMe("the worker was asked to stop (SIGTERM)"))
