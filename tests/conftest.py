@@ -45,7 +45,7 @@ def _reap_children():
     yield
     deadline = time.monotonic() + 5
     while True:
-        new = [p for p in me.children(recursive=True) if p.pid not in before]
+        new = [p for p in me.children(recursive=True) if _is_new(p, before)]
         new = [p for p in new if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         if not new or time.monotonic() > deadline:
             break
@@ -58,6 +58,15 @@ def _reap_children():
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def _is_new(proc: psutil.Process, before: set[int]) -> bool:
+    """Started during this test (not by a process that existed before it, e.g. a nanny of a
+    module-scoped fixture restarting its workers)."""
+    try:
+        return proc.pid not in before and not any(a.pid in before for a in proc.parents())
+    except psutil.Error:
+        return True
 
 
 def children_of(pid: int | None = None) -> list[psutil.Process]:

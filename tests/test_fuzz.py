@@ -136,9 +136,23 @@ def test_unauthenticated_peer_cannot_reach_an_unpickler(tmp_path):
     keys = tmp_path / "keys"
     subprocess.run([sys.executable, "-m", "meshpool.cli", "keygen", str(keys)], check=True)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "meshpool.cli", "scheduler", "--host", "127.0.0.1", "--port", "0",
-         "--security", str(keys), "--log-level", "INFO"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "meshpool.cli",
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--security",
+            str(keys),
+            "--log-level",
+            "INFO",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         line = proc.stdout.readline()

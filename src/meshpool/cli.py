@@ -35,13 +35,21 @@ def _parser() -> argparse.ArgumentParser:
     sched.add_argument("--host", default=_env("host", "0.0.0.0"), help="interface to bind")
     sched.add_argument("--port", type=int, default=int(_env("port", "8786") or 8786))
     sched.add_argument("--security", default=_env("security"), help="credential directory")
-    sched.add_argument("--insecure", action="store_true", default=bool(_env("insecure")),
-                       help="plain TCP without CURVE: for trusted networks only")
+    sched.add_argument(
+        "--insecure",
+        action="store_true",
+        default=bool(_env("insecure")),
+        help="plain TCP without CURVE: for trusted networks only",
+    )
     sched.add_argument("--log-level", default=_env("log_level", "INFO"))
 
     work = sub.add_parser("worker", help="start supervised worker processes on this host")
-    work.add_argument("address", nargs="?", default=_env("scheduler"),
-                      help="the scheduler's address, tcp://HOST:PORT")
+    work.add_argument(
+        "address",
+        nargs="?",
+        default=_env("scheduler"),
+        help="the scheduler's address, tcp://HOST:PORT",
+    )
     work.add_argument("--nworkers", type=int, default=int(_env("nworkers", "1") or 1))
     work.add_argument("--nthreads", type=int, default=int(_env("nthreads", "1") or 1))
     work.add_argument("--memory-limit", default=_env("memory_limit"), help="e.g. 4GB")
@@ -49,13 +57,22 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument("--security", default=_env("security"), help="credential directory")
     work.add_argument("--insecure", action="store_true", default=bool(_env("insecure")))
     work.add_argument("--name", default=_env("name"), help="worker name prefix")
-    work.add_argument("--contact-address", default=_env("contact_address"),
-                      help="host name or IP that peers use to reach this host")
-    work.add_argument("--listen-host", default=_env("listen_host", "0.0.0.0"),
-                      help="interface the data sockets bind")
-    work.add_argument("--retire-timeout", type=float,
-                      default=float(_env("retire_timeout", "60") or 60),
-                      help="seconds to hand off data on SIGTERM before stopping anyway")
+    work.add_argument(
+        "--contact-address",
+        default=_env("contact_address"),
+        help="host name or IP that peers use to reach this host",
+    )
+    work.add_argument(
+        "--listen-host",
+        default=_env("listen_host", "0.0.0.0"),
+        help="interface the data sockets bind",
+    )
+    work.add_argument(
+        "--retire-timeout",
+        type=float,
+        default=float(_env("retire_timeout", "60") or 60),
+        help="seconds to hand off data on SIGTERM before stopping anyway",
+    )
     work.add_argument("--log-level", default=_env("log_level", "INFO"))
 
     keygen = sub.add_parser("keygen", help="write a cluster's credentials into DIR")
@@ -91,6 +108,9 @@ def _scheduler(args: argparse.Namespace) -> int:
         security = sec.scheduler_credentials(args.security, args.host, args.port)
 
     def ready(address: str) -> None:
+        if security is not None and not args.security and args.port == 0:
+            # the port is known only now: record the credentials under it
+            sec.record_address(security, args.host, int(address.rsplit(":", 1)[1]))
         shown = address.replace("0.0.0.0", sec.public_host())
         print(f"meshpool scheduler at {shown}", flush=True)
         if security is not None:
@@ -157,8 +177,13 @@ def _worker(args: argparse.Namespace) -> int:
     # retire gracefully: results move to the remaining workers before these exit
     workers.close(graceful=0.0 if restart_failed.is_set() else args.retire_timeout)
     if refused.is_set():
+        what = (
+            "refused our credentials"
+            if security is not None
+            else "refused us: it requires credentials"
+        )
         print(
-            f"meshpool worker: the scheduler at {args.address} refused our credentials "
+            f"meshpool worker: the scheduler at {args.address} {what} "
             "(use the cluster's: --security DIR or MESHPOOL_SECURITY)",
             file=sys.stderr,
         )

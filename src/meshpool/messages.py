@@ -353,6 +353,15 @@ class SlotHello:
 
 
 @_message
+class SlotBlocked:
+    """The task a slot runs is waiting for other tasks (a ``result()`` inside the task): it no
+    longer counts against the slot's room, so the slot may be sent more work meanwhile."""
+
+    op: ClassVar[str] = "slot-blocked"
+    key: Key
+
+
+@_message
 class RetireMe:
     """A worker asks to leave gracefully (its nanny got SIGTERM): hand off its data first."""
 

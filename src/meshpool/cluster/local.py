@@ -194,4 +194,6 @@ def _worker_environment() -> dict[str, str]:
     # a fixed threshold stops glibc raising it after a big free, which sends later big blocks
     # to heaps where holes are never returned
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
+    # one arena per thread (slots, zmq I/O) multiplies fragmentation; two are plenty here
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     return env

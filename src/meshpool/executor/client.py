@@ -127,7 +127,9 @@ class ClientCore:
 
     # --- set-up ------------------------------------------------------------------------------
 
-    def _start_local(self, nworkers: int, threads_per_worker: int, memory_limit: int | None) -> None:
+    def _start_local(
+        self, nworkers: int, threads_per_worker: int, memory_limit: int | None
+    ) -> None:
         from ..cluster.local import LocalWorkers
         from ..scheduler.server import SchedulerServer
 
@@ -633,7 +635,8 @@ class ClientCore:
 
     def _keep_large_results(self) -> None:
         """Before the workers go, bring home large results that live futures still hold."""
-        live = [(k, f) for k, f in list(self.remote_done.items())]
+        # only futures whose result was never fetched: result() already unpacked the others
+        live = [(k, f) for k, f in list(self.remote_done.items()) if type(f._result) is Remote]
         if not live or self.broken is not None:
             return
         reply: PlainFuture = PlainFuture()

@@ -482,7 +482,9 @@ class Executor(cf.Executor):
             out.extend(frames)
             rows.append((key, ws["id"]))
         if futures is not None:
-            self._core.command("call", lambda core: core.pending.update({f.key: f for f in futures}))
+            self._core.command(
+                "call", lambda core: core.pending.update({f.key: f for f in futures})
+            )
         for address, (items, out, rows) in by_worker.items():
             self._core.command("store", address, items, out, rows)
 

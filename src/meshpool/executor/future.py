@@ -12,6 +12,11 @@ worker first when needed; ``await fut`` fetches without blocking the event loop.
 Done-callbacks run on a callback thread, never on the I/O thread (DESIGN.md rule 7). Dropping the
 last reference to a future releases its key on the cluster (its finalizer only enqueues); it never
 cancels the task.
+
+Inside a task on a worker, a wait (``result()``, ``exception()``, ``meshpool.wait``) on a future
+that is not done first goes through :data:`task_wait_hook`, which the worker process installs:
+the waiting thread gives its execution slot back until the wait ends (``worker/execution.py``),
+so tasks that wait for the tasks they submit cannot deadlock the pool.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import _base
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +36,25 @@ if TYPE_CHECKING:
     from .client import ClientCore
 
 CANCEL_TIMEOUT = 5.0  # seconds cancel() waits for the scheduler (and a worker) to answer
+
+# Set in worker processes: ``hook(futures, timeout, return_when)`` waits for ``futures`` if the
+# calling thread runs a task (handing its slot over meanwhile) and returns True; else False.
+task_wait_hook: Callable[[Sequence[_base.Future], float | None, str], bool] | None = None
+
+
+def wait_in_task(
+    futures: Sequence[_base.Future], timeout: float | None, return_when: str = _base.ALL_COMPLETED
+) -> float | None:
+    """Before a blocking wait: let :data:`task_wait_hook` do it if this thread runs a task.
+
+    Returns what is left of ``timeout`` for the caller's own (then immediate) wait."""
+    hook = task_wait_hook
+    if hook is None:
+        return timeout
+    start = time.monotonic()
+    if not hook(futures, timeout, return_when) or timeout is None:
+        return timeout
+    return max(0.0, timeout - (time.monotonic() - start))
 
 
 class Packed:
@@ -94,6 +120,8 @@ class Future(_base.Future):
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state == _base.FINISHED:
             return self._exception
+        if task_wait_hook is not None and self._state not in _DONE_STATES:
+            timeout = wait_in_task((self,), timeout)
         return super().exception(timeout)
 
     def cancelled(self) -> bool:
@@ -145,6 +173,8 @@ class Future(_base.Future):
                 raise self._exception
             value = self._result
         else:
+            if task_wait_hook is not None and self._state not in _DONE_STATES:
+                timeout = wait_in_task((self,), timeout)
             value = super().result(timeout)
         if type(value) is Packed:
             value = self._unpack(value.frames)

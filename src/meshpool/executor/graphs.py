@@ -7,9 +7,11 @@ keys that the scheduler forgets as soon as no pending task needs them, so a redu
 graph frees its intermediates as it goes. Priorities come from :func:`meshpool.graph.order`
 (depth-first, memory-friendly), after the executor's own ``priority`` option.
 
-"The current executor" is, in order: inside a task, the worker's handle to its own cluster;
-else the innermost ``with Executor()`` block; else the most recently created executor still
-running; else none (``meshpool.get``/``compute`` then use threads in this process).
+"The current executor" is, in order: inside a task, the worker's handle to its own cluster
+(:data:`_task_executor`, a factory ``worker/nested.py`` installs in worker processes); else the
+innermost ``with Executor()`` block; else the most recently created executor still running; else
+none (``meshpool.get``/``compute`` then use threads in this process). Waiting for a graph's
+results inside a task gives the task's slot back meanwhile (``future.wait_in_task``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..graph import (
@@ -31,7 +34,7 @@ from ..graph import (
     toposort,
     validate_keys,
 )
-from .future import Future
+from .future import Future, wait_in_task
 
 if TYPE_CHECKING:
     from .executor import Executor
@@ -48,9 +51,7 @@ class KeyRef:
         self.key = key
 
 
-def submit_graph(
-    executor: Executor, dsk: Any, keys: Any, priority: int = 0
-) -> dict[Any, Future]:
+def submit_graph(executor: Executor, dsk: Any, keys: Any, priority: int = 0) -> dict[Any, Future]:
     """Submit the part of ``dsk`` that ``keys`` need; return a future per requested key."""
     dsk = to_plain_graph(dsk)
     validate_keys(dsk, keys)
@@ -105,8 +106,10 @@ def get(executor: Executor, dsk: Any, keys: Any, priority: int = 0, **kwargs: An
     """Run a dict graph on the cluster; results shaped like ``dask.get``'s."""
     futures = submit_graph(executor, dsk, keys, priority)
     ordered = list(futures)
-    values = executor.gather([futures[k] for k in ordered])
-    return pack_results(keys, dict(zip(ordered, values)))
+    pending = [futures[k] for k in ordered]
+    wait_in_task(pending, None)  # inside a task: wait without holding the task's slot
+    values = executor.gather(pending)
+    return pack_results(keys, dict(zip(ordered, values, strict=True)))
 
 
 def compute(executor: Executor, objs: tuple, priority: int = 0) -> list[Future]:
@@ -121,7 +124,9 @@ _current: contextvars.ContextVar[Executor | None] = contextvars.ContextVar(
     "meshpool_current_executor", default=None
 )
 _recent: list[weakref.ref] = []
-_task_executor: Any = None  # set inside worker processes (tasks that submit tasks)
+# Set inside worker processes (tasks that submit tasks): returns the worker's client of its own
+# cluster, made on first use.
+_task_executor: Callable[[], Executor] | None = None
 
 
 def register(executor: Executor) -> None:
@@ -147,7 +152,7 @@ def _usable(executor: Executor | None) -> bool:
 def current_executor() -> Executor | None:
     """The executor ``meshpool.get``/``compute`` use here, or None."""
     if _task_executor is not None:
-        return _task_executor() if callable(_task_executor) else _task_executor
+        return _task_executor()
     executor = _current.get()
     if _usable(executor):
         return executor

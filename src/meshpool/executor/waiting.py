@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent import futures as cf
 from typing import Any
 
+from .future import wait_in_task
+
 FIRST_COMPLETED = cf.FIRST_COMPLETED
 FIRST_EXCEPTION = cf.FIRST_EXCEPTION
 ALL_COMPLETED = cf.ALL_COMPLETED
@@ -22,7 +24,11 @@ ALL_COMPLETED = cf.ALL_COMPLETED
 def wait(
     fs: Iterable[cf.Future], timeout: float | None = None, return_when: str = ALL_COMPLETED
 ) -> cf._base.DoneAndNotDoneFutures:
-    """The stdlib's ``concurrent.futures.wait``; meshpool futures are real stdlib futures."""
+    """The stdlib's ``concurrent.futures.wait``; meshpool futures are real stdlib futures.
+
+    Inside a task on a worker, the waiting thread gives its slot back meanwhile."""
+    fs = list(fs)
+    timeout = wait_in_task(fs, timeout, return_when)
     return cf.wait(fs, timeout=timeout, return_when=return_when)
 
 

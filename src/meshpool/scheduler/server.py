@@ -6,6 +6,9 @@ handed over in-process by ``deliver_local``, without encoding) or behind its own
 ``meshpool scheduler`` process (:func:`serve_forever`).
 
 Peers are told apart by their zmq identity: a worker's is its worker id, a client's its client id.
+A worker's slots are ``worker-id/n``; a thread that gave its slot away while its task waited sends
+the task's result from a helper connection ``worker-id/n~k``, accepted once the worker has
+registered (such peers are never sent anything, so they are not tracked).
 Liveness: every :data:`PING_INTERVAL` the server pings each peer. Because the ROUTER socket is
 ``ROUTER_MANDATORY``, a ping to a peer whose connection has dropped fails at once
 (EHOSTUNREACH): that peer is gone. Silence alone only marks a worker unresponsive.
@@ -134,6 +137,8 @@ class SchedulerServer:
         elif kind == "worker":
             self._unresponsive.discard(peer)
             self._send_all(self.state.handle_worker(peer, msg))
+        elif kind is None and self._is_slot_helper(peer):
+            self._send_all(self.state.handle_worker(peer, msg))
         elif kind == "client":
             if isinstance(msg, m.GetSchedulerInfo):
                 self._send(peer, m.Reply(msg.request_id, self.info()))
@@ -146,6 +151,17 @@ class SchedulerServer:
             pass  # a worker we dropped, still beating: it will re-register or be refused
         else:
             logger.warning("dropping %s from unregistered peer %r", type(msg).__name__, peer)
+
+    def _is_slot_helper(self, peer: str) -> bool:
+        """``worker-id/n~k`` of a registered worker (see the module docstring)."""
+        worker_id, slash, rest = peer.partition("/")
+        slot, tilde, number = rest.partition("~")
+        return (
+            bool(slash and tilde)
+            and slot.isdigit()
+            and number.isdigit()
+            and worker_id in self._worker_peers
+        )
 
     def _register_worker(self, peer: str, msg: m.RegisterWorker) -> None:
         problem = m.version_mismatch(m.versions(), msg.versions)

@@ -30,6 +30,13 @@ way), so the worker decides. CancelCompute goes to its control connection, which
 (CancelComputeReply) whether the task had started; until then the task stays PROCESSING with
 ``recall`` set, and the client's CancelReply waits (``_CancelRequest``).
 
+A task that waits for other tasks (a ``result()`` inside it) says so on its slot's connection
+(SlotBlocked): it moves from the slot's queue to the worker's ``blocked`` set, so it no longer
+counts against the slot's room and the slot is sent more work, which the worker runs on another
+thread. It is still executing on that worker: KilledWorker blames it if the worker dies, and a
+cancel leaves it alone. Its completion may arrive on a helper connection ``worker-id/slot~n``,
+which counts as the slot's.
+
 References: a task is kept while a client wants it (``wanted_by``) or a pending task needs it
 (``waiters``). Dropping a future releases the key but never cancels the task; the result is
 forgotten once it is done. A result lost with its worker is recomputed from its spec when it is
@@ -55,7 +62,10 @@ Outgoing = list  # list[tuple[peer_id, message]]
 BANDWIDTH = 500e6  # bytes/s assumed between workers, to weigh moving inputs against queueing
 PREFETCH_SECONDS = 0.002  # a worker's queue beyond its threads covers about this much work
 MAX_PREFETCH_PER_THREAD = 32  # ...but never more tasks than this per thread
-DEFAULT_DURATION = 0.0005  # mean task duration assumed before any has been measured
+# mean task duration assumed before any has been measured: long, so a first burst of large
+# tasks is not prefetched several deep (which costs memory on reductions); tiny tasks bring the
+# estimate down within a few dozen completions
+DEFAULT_DURATION = 0.0005
 DURATION_WEIGHT = 0.1  # weight of the newest duration in the moving average
 KILLED_WORKER_LIMIT = 3  # a task running on this many dying workers is a poison task
 # An idle worker steals a queued task only if that moves at most this many input bytes: more
@@ -177,6 +187,7 @@ class WorkerState:
         "used_resources",
         "processing",
         "slots",
+        "blocked",
         "ready_slots",
         "has_what",
         "nbytes",
@@ -196,6 +207,7 @@ class WorkerState:
         self.used_resources: dict[str, float] = {}
         self.processing: set[TaskState] = set()
         self.slots: list[deque[TaskState]] = [deque() for _ in range(self.nthreads)]
+        self.blocked: set[TaskState] = set()  # executing, but waiting on other tasks (no room)
         self.ready_slots: list[int] = []
         self.has_what: set[TaskState] = set()
         self.nbytes = 0
@@ -216,7 +228,7 @@ class WorkerState:
             "memory_limit": self.memory_limit,
             "resources": dict(self.resources),
             "processing": len(self.processing),
-            "executing": sum(1 for q in self.slots if q),
+            "executing": sum(1 for q in self.slots if q) + len(self.blocked),
             "keys": len(self.has_what),
             "nbytes": self.nbytes,
             "pid": self.pid,
@@ -259,6 +271,7 @@ class SchedulerState:
             m.InitializerErred: self._worker_initializer_erred,
             m.AddKeys: self._worker_add_keys,
             m.SlotHello: self._worker_slot_hello,
+            m.SlotBlocked: self._worker_blocked,
             m.RetireMe: self._worker_retire_me,
             m.CancelComputeReply: self._worker_cancel_reply,
             m.Heartbeat: self._worker_heartbeat,
@@ -277,7 +290,8 @@ class SchedulerState:
         return self._flush()
 
     def handle_worker(self, peer: str, msg: Any) -> Outgoing:
-        """A message from a worker's control connection ("id") or one of its slots ("id/n")."""
+        """A message from a worker's control connection ("id"), one of its slots ("id/n"), or a
+        slot's helper connection ("id/n~k": a task that gave its slot away while waiting)."""
         if isinstance(msg, m.RegisterWorker):
             self._add_worker(msg)
             return self._flush()
@@ -286,6 +300,7 @@ class SchedulerState:
         if ws is None:
             logger.warning("dropping %s from unknown worker %s", type(msg).__name__, worker_id)
             return []
+        slot = slot.partition("~")[0]
         self._from_slot = int(slot) if slot.isdigit() else -1
         handler = self._worker_handlers.get(type(msg))
         if handler is None:
@@ -308,7 +323,7 @@ class SchedulerState:
             if not ts.who_has and ts.state == MEMORY:
                 self._data_lost(ts, ws)
         ws.has_what.clear()
-        executing = {q[0] for q in ws.slots if q}
+        executing = {q[0] for q in ws.slots if q} | ws.blocked
         executing.update(t for t in ws.processing if t.recall is not None and t.recall.started)
         recalled: list[tuple[TaskState, _Recall]] = []
         for ts in sorted(ws.processing, key=lambda t: t.priority):
@@ -329,6 +344,7 @@ class SchedulerState:
                     continue
             self._make_ready_or_wait(ts)
         ws.processing.clear()
+        ws.blocked.clear()
         for q in ws.slots:
             q.clear()
         self._thieves = {t for t in self._thieves if t[0] != worker_id}
@@ -424,7 +440,7 @@ class SchedulerState:
             elif ts.state == PROCESSING and ts.processing_on is not None:
                 ws = ts.processing_on
                 queue = ws.slots[ts.slot]
-                started = ts.recall is not None and ts.recall.started
+                started = ts in ws.blocked or (ts.recall is not None and ts.recall.started)
                 if queue and queue[0] is not ts and not started:  # queued behind the executing one
                     if ts.recall is None:
                         ts.recall = _Recall(cancel=True)
@@ -531,7 +547,7 @@ class SchedulerState:
             if ws.processing:
                 continue
             self._send(ws.id, m.CloseWorker("retired"))
-            requests, ws.retiring = ws.retiring, None
+            requests, ws.retiring = ws.retiring or [], None
             self._retired.add(ws.id)
             # gone from the state now, so nobody is sent to fetch from it any more
             self._out = self.remove_worker(ws.id, "retired")
@@ -709,6 +725,25 @@ class SchedulerState:
                 self._send(f"{ws.id}/{msg.slot}", m.RunInitializer(frames))
             self._dispatch()
 
+    def _worker_blocked(self, ws: WorkerState, msg: m.SlotBlocked) -> None:
+        """A slot's task waits on other tasks: it leaves the slot's queue (and room) but stays
+        executing on the worker."""
+        ts = self.tasks.get(msg.key)
+        if (
+            ts is None
+            or ts.state != PROCESSING
+            or ts.processing_on is not ws
+            or ts.slot != self._from_slot
+            or ts in ws.blocked
+        ):
+            return  # stale: finished (its result came on a helper connection first), or moved
+        try:
+            ws.slots[ts.slot].remove(ts)
+        except ValueError:  # pragma: no cover - processing on a slot means queued there
+            return
+        ws.blocked.add(ts)
+        self._dispatch()
+
     def _worker_heartbeat(self, ws: WorkerState, msg: m.Heartbeat) -> None:
         pass  # any traffic counts as liveness; the shell tracks it
 
@@ -752,7 +787,9 @@ class SchedulerState:
     def _release_slot(self, ts: TaskState, ws: WorkerState) -> None:
         ws.processing.discard(ts)
         queue = ws.slots[ts.slot]
-        if queue and queue[0] is ts:
+        if ts in ws.blocked:
+            ws.blocked.discard(ts)
+        elif queue and queue[0] is ts:
             queue.popleft()
         else:
             try:
@@ -915,7 +952,8 @@ class SchedulerState:
         for ws in candidates:
             if ts.restrictions is not None and not (self._fits(ts, ws) and self._has_room(ts, ws)):
                 continue
-            cost = len(ws.processing) / len(ws.ready_slots or (0,)) * duration
+            queued = len(ws.processing) - len(ws.blocked)
+            cost = queued / len(ws.ready_slots or (0,)) * duration
             for dts in ts.dependencies:
                 if ws not in dts.who_has:
                     cost += dts.nbytes / BANDWIDTH
@@ -1035,6 +1073,8 @@ class SchedulerState:
         for dts in ts.waiting_on:
             if dts.state != PROCESSING or dts.processing_on is not ws or dts.slot != slot:
                 return False
+            if dts in ws.blocked:  # the slot runs other tasks before it finishes
+                return False
         return True
 
     def _assign(self, ts: TaskState, ws: WorkerState, slot: int) -> None:
@@ -1087,8 +1127,9 @@ class SchedulerState:
         for ws in self.workers.values():
             for ts in ws.processing:
                 assert ts.processing_on is ws and ts.state == PROCESSING, (ts, ws)
-                assert ts in ws.slots[ts.slot], (ts, ws)
-            assert sum(len(q) for q in ws.slots) == len(ws.processing), ws
+                assert (ts in ws.slots[ts.slot]) != (ts in ws.blocked), (ts, ws)
+            assert ws.blocked <= ws.processing, ws
+            assert sum(len(q) for q in ws.slots) + len(ws.blocked) == len(ws.processing), ws
 
 
 def _error_frames(kind: str, detail: Any) -> list:

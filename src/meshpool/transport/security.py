@@ -156,23 +156,33 @@ def scheduler_credentials(directory: str | None, host: str, port: int) -> Securi
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(root.parent, 0o700)
     os.chmod(root, 0o700)
-    hosts = _local_names() if host in ("0.0.0.0", "*", "", "::") else [host]
-    real = root / f"{hosts[0] if host not in ('0.0.0.0', '*', '', '::') else public_host()}-{port}"
+    wildcard = host in ("0.0.0.0", "*", "", "::")
+    base = public_host() if wildcard else host
+    real = root / (f"{base}-{port}" if port else f"{base}-pid{os.getpid()}")
     security = Security.generate(real)
+    if port:
+        record_address(security, host, port)
+    return security
+
+
+def record_address(security: Security, host: str, port: int) -> None:
+    """Link ``<name>-<port>`` to the scheduler's credential directory for each name of ``host``
+    (called once the port is known: ``--port 0`` binds first)."""
+    root = credentials_root()
+    real = Path(security.directory)
+    hosts = _local_names() if host in ("0.0.0.0", "*", "", "::") else [host]
     for name in hosts:
         link = root / f"{name}-{port}"
         if link == real:
             continue
         try:
-            if link.is_symlink() or link.exists():
-                if link.is_symlink():
-                    link.unlink()
-                else:
-                    continue
+            if link.is_symlink():
+                link.unlink()
+            elif link.exists():
+                continue
             link.symlink_to(real.name)
         except OSError:
             pass
-    return security
 
 
 def client_credentials(directory: str | None, address: str) -> Security | None:

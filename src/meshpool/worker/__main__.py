@@ -3,6 +3,10 @@
 The parent writes one JSON line of configuration on our stdin (never argv: it may hold key
 material) and keeps the pipe open: end-of-file means the parent is gone, and the worker exits,
 removing the ipc socket files it was told to clean up.
+
+Tasks here see ``meshpool.current_executor()`` as a client of this worker's own cluster
+(``worker/nested.py``). The cap on threads waiting inside tasks with their slot handed over comes
+from the config's ``max_replacements``, else ``MESHPOOL_MAX_REPLACEMENTS``, else 64.
 """
 
 from __future__ import annotations
@@ -41,6 +45,19 @@ def _watch_parent(cleanup: list[str], cleanup_dir: str | None) -> None:
     os._exit(0)
 
 
+def _max_replacements(config: dict, default: int) -> int:
+    value = config.get("max_replacements")
+    if value is None:
+        value = os.environ.get("MESHPOOL_MAX_REPLACEMENTS") or default
+    try:
+        return max(0, int(value))
+    except ValueError:
+        logging.getLogger("meshpool.worker").warning(
+            "ignoring max_replacements %r (not an integer); using %d", value, default
+        )
+        return default
+
+
 def main() -> None:
     config = json.loads(sys.stdin.buffer.readline())
     if config.get("cwd"):
@@ -53,6 +70,8 @@ def main() -> None:
         format=f"%(asctime)s {config['name']} %(levelname)s %(name)s: %(message)s",
     )
     from ..transport.security import Security
+    from . import nested
+    from .execution import MAX_REPLACEMENTS
     from .server import Worker
 
     security = Security.from_dict(config["security"]) if config.get("security") else None
@@ -77,7 +96,9 @@ def main() -> None:
             memory_limit=config.get("memory_limit") or 0,
             resources=config.get("resources") or {},
             security=security,
+            max_replacements=_max_replacements(config, MAX_REPLACEMENTS),
         )
+        nested.install(config["scheduler"], security)
     except BaseException:
         # A cluster shut down while we were still starting removes its private directory, and
         # binding our socket there fails: that is no error worth a traceback.

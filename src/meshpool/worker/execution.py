@@ -21,14 +21,45 @@ before starting a task. A task recalled before it started never starts; one alre
 Inputs the worker lacks are fetched by the slot itself from the peers' data sockets, trying each
 holder in turn (:data:`FETCH_TIMEOUT` each); if none answers, MissingData tells the scheduler.
 Functions, arguments and results are unpickled and pickled here, never in the worker's I/O loop.
+
+Tasks that wait for tasks
+-------------------------
+A slot is a connection and a queue, run by one thread at a time: its *owner*. A task that waits
+for other tasks (``result()``, ``meshpool.wait``, ``meshpool.get`` inside the task) must not
+hold its slot meanwhile, or a one-thread pool deadlocks on its first nested task. So the wait
+goes through :meth:`Slot.block_on` (``executor.future`` calls it through a hook when the waiting
+thread runs a task here)::
+
+    owner T1 runs A ── A waits ──▶ SlotBlocked(A) on the slot socket: A leaves the slot's room
+                                   T1 hands socket + queue to a new owner T2 (under a lock: a
+                                   zmq socket may change threads only across a memory barrier)
+    T2 runs the queue: B, C...     T1 waits; when A ends, T1 sends its ComputeDone on a spare
+                                   DEALER "worker-id/slot~n" (same slot to the scheduler) and exits
+
+The scheduler keeps A on the worker as executing (KilledWorker still blames it if the worker
+dies) but no longer counts it against the slot, so it sends the slot more tasks. The Recalls
+stay right: A is still running as far as a CancelCompute is concerned.
+
+Replacement threads are capped per worker (:class:`Replacements`, default
+:data:`MAX_REPLACEMENTS`): past the cap a waiting owner keeps its slot and runs the slot's tasks
+itself until its wait ends ("help while waiting"). That cannot deadlock (someone always runs
+the queue) but nests tasks on one stack, and an outer task returns only after the inner ones;
+the cap trades threads for stack depth. Tasks submitted from a task rank one priority step
+above it (``worker/nested.py``), so a task tree runs depth-first and the number of tasks
+waiting at once stays near its depth times the thread count.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
+import os
 import threading
 import time
+from collections.abc import Sequence
+from concurrent import futures as cf
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -44,6 +75,13 @@ logger = logging.getLogger("meshpool.worker")
 
 SMALL_RESULT = 64 * 1024  # results up to this size ride with the completion message
 FETCH_TIMEOUT = 10.0  # seconds a peer gets to send data before the next holder is tried
+# Threads per worker that may wait inside tasks while a replacement runs their slot. More costs
+# threads (and memory for their stacks); fewer makes waiting tasks run queued tasks nested on
+# their own stack, which delays the outer task until the inner ones finish.
+MAX_REPLACEMENTS = 64
+POLL_MS = 250  # an idle owner re-checks whether the slot is closing this often
+
+_local = threading.local()  # .slot: the Slot this thread works for; .task: its innermost _Running
 
 
 class Initializers:
@@ -109,8 +147,122 @@ class Recalls:
                 del self._finished[next(iter(self._finished))]
 
 
-class Slot(threading.Thread):
-    """One execution thread with its own connection to the scheduler."""
+@dataclass(frozen=True)
+class ReplacementStatistics:
+    """A snapshot of :class:`Replacements`."""
+
+    limit: int
+    waiting: int  # threads now waiting in a task while a replacement runs their slot
+    peak: int
+    replaced: int  # hand-overs so far
+    helped: int  # waits that ran queued tasks themselves (the cap was reached)
+
+
+class Replacements:
+    """The cap on threads of one worker waiting in tasks with their slot handed over."""
+
+    def __init__(self, limit: int = MAX_REPLACEMENTS) -> None:
+        self.limit = max(0, int(limit))
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._peak = 0
+        self._replaced = 0
+        self._helped = 0
+
+    def acquire(self) -> bool:
+        """True if one more thread may hand its slot over; else count a wait that helps."""
+        with self._lock:
+            if self._waiting >= self.limit:
+                self._helped += 1
+                return False
+            self._waiting += 1
+            self._replaced += 1
+            self._peak = max(self._peak, self._waiting)
+            return True
+
+    def release(self) -> None:
+        """A thread that handed its slot over has finished its task (and exits)."""
+        with self._lock:
+            self._waiting -= 1
+
+    def statistics(self) -> ReplacementStatistics:
+        with self._lock:
+            return ReplacementStatistics(
+                self.limit, self._waiting, self._peak, self._replaced, self._helped
+            )
+
+
+class _Running:
+    """A task running on the current thread (``_local.task``); tasks nest when a wait helps."""
+
+    __slots__ = ("key", "priority", "blocked", "outer")
+
+    def __init__(self, key: Any, priority: Any, outer: _Running | None) -> None:
+        self.key = key
+        self.priority = priority
+        self.blocked = False  # SlotBlocked sent: the scheduler no longer counts it in the slot
+        self.outer = outer
+
+
+class _SpareSockets:
+    """DEALERs ``worker-id/slot~n`` on which threads that gave their slot away send results.
+
+    The scheduler reads the slot index before ``~``, so a result counts as coming from its slot.
+    Sockets are reused (a connection per result would cost a handshake each); each is used by
+    one thread at a time, taken and returned under the lock (the memory barrier zmq needs).
+    """
+
+    def __init__(self, identity: str, address: str, security: Security | None) -> None:
+        self._identity = identity
+        self._address = address
+        self._security = security
+        self._lock = threading.Lock()
+        self._idle: list[zmq.Socket] = []
+        self._numbers = itertools.count(1)
+
+    def send(self, frames: list) -> None:
+        with self._lock:
+            sock = self._idle.pop() if self._idle else None
+            number = next(self._numbers) if sock is None else 0
+        if sock is None:
+            sock = make_socket(zmq.DEALER, identity=f"{self._identity}~{number}".encode())
+            if self._security is not None:
+                self._security.client(sock, self._address)
+            sock.connect(self._address)
+        try:
+            sock.send_multipart(frames, copy=False)
+        finally:
+            with self._lock:
+                self._idle.append(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._idle:
+                sock.close(linger=0)
+            self._idle.clear()
+
+
+def current_task_priority() -> Any:
+    """The scheduler priority of the task the calling thread runs, or None (worker/nested.py)."""
+    task = getattr(_local, "task", None)
+    return None if task is None else task.priority
+
+
+def wait_in_task(futures: Sequence[cf.Future], timeout: float | None, return_when: str) -> bool:
+    """The hook ``executor.future`` calls before a blocking wait; True if it did the waiting.
+
+    Only a thread running a task in a slot waits here (giving the slot back meanwhile); any
+    other thread gets False and waits as usual."""
+    slot: Slot | None = getattr(_local, "slot", None)
+    if slot is None or getattr(_local, "task", None) is None:
+        return False
+    slot.block_on(futures, timeout, return_when)
+    return True
+
+
+class Slot:
+    """One execution slot: its own connection to the scheduler, and the tasks sent there, run
+    in arrival order by one thread at a time, the owner (see "Tasks that wait for tasks")."""
 
     def __init__(
         self,
@@ -123,9 +275,10 @@ class Slot(threading.Thread):
         initializers: Initializers,
         security: Security | None,
         recalls: Recalls | None = None,
+        replacements: Replacements | None = None,
     ) -> None:
-        super().__init__(name=f"meshpool-slot-{index}", daemon=True)
         self.recalls = recalls if recalls is not None else Recalls()
+        self.replacements = replacements if replacements is not None else Replacements()
         self.index = index
         self.worker_id = worker_id
         self.store = store
@@ -133,37 +286,92 @@ class Slot(threading.Thread):
         self.initializers = initializers
         self.security = security
         self.queue: collections.deque = collections.deque()
-        self.current: Any = None
+        self.current: Any = None  # the key the owner runs (heartbeats count these)
         self.running = True
         self.sock = make_socket(zmq.DEALER, identity=f"{worker_id}/{index}".encode())
         if security is not None:
             security.client(self.sock, scheduler_address)
         self.sock.connect(scheduler_address)
+        self._spares = _SpareSockets(f"{worker_id}/{index}", scheduler_address, security)
         self._peers: dict[str, zmq.Socket] = {}
         self._request_id = 0
+        self._owner: threading.Thread | None = None
+        self._handover = threading.Lock()
+        self._generation = itertools.count()
+        # a helping wait sleeps on the slot socket and this pipe, written when a future it
+        # waits for finishes
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
-    def run(self) -> None:
-        self._send(m.SlotHello(self.worker_id, self.index))
+    # --- owner threads -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the first owner thread (it says hello: the scheduler may send it tasks)."""
+        self._spawn_owner(hello=True)
+
+    def _spawn_owner(self, hello: bool = False) -> None:
+        """Make a new thread the owner: the socket, queue and peers are its from now on."""
+        generation = next(self._generation)
+        name = f"meshpool-slot-{self.index}" + (f".{generation}" if generation else "")
+        thread = threading.Thread(target=self._serve, args=(hello,), name=name, daemon=True)
+        with self._handover:  # the barrier between the old owner's last use and the new one's
+            self._owner = thread
+            self.current = None
+        thread.start()
+
+    def _owned(self) -> bool:
+        # only the owner changes the owner, so no lock is needed to ask "is it me?"
+        return self._owner is threading.current_thread()
+
+    def _serve(self, hello: bool) -> None:
+        """An owner thread's life: run the slot's tasks while it is the owner."""
+        with self._handover:  # pairs with _spawn_owner: the previous owner is done with them
+            _local.slot = self
         try:
-            while self.running:
-                if not self.queue and not self.sock.poll(250):
-                    continue
-                self._drain()
-                if self.queue:
-                    compute = self.queue.popleft()
-                    if not self.recalls.start(compute.key, self.index):
-                        continue  # taken back by the scheduler before it started
-                    self.current = compute.key
-                    try:
-                        self._send_frames(self.execute(compute))
-                    finally:
-                        self.current = None
-                        self.recalls.finish(compute.key, self.index)
+            if hello:
+                self._send(m.SlotHello(self.worker_id, self.index))
+            while self.running and self._owned():
+                self._step(POLL_MS)
         except zmq.ContextTerminated:
             pass
         finally:
-            for sock in [self.sock, *self._peers.values()]:
-                sock.close(linger=0)
+            if self._owned():  # the slot is closing
+                self._close()
+            else:  # this thread gave the slot away to wait in a task: that task is done now
+                self.replacements.release()
+
+    def _close(self) -> None:
+        # (the wake pipe stays open: a late done-callback must never write to a reused fd)
+        for sock in [self.sock, *self._peers.values()]:
+            sock.close(linger=0)
+        self._spares.close()
+
+    def _step(self, poll_ms: int) -> None:
+        """Owner: read what the scheduler sent, then run the next task (if any)."""
+        if not self.queue and not self.sock.poll(poll_ms):
+            return
+        self._drain()
+        if self.queue:
+            self._run_task(self.queue.popleft())
+
+    def _run_task(self, compute: m.Compute) -> None:
+        if not self.recalls.start(compute.key, self.index):
+            return  # taken back by the scheduler before it started
+        outer = getattr(_local, "task", None)
+        _local.task = _Running(compute.key, compute.priority, outer)
+        self.current = compute.key
+        try:
+            frames = self.execute(compute)
+            if self._owned():
+                self._send_frames(frames)
+            else:  # it gave the slot away while waiting; the owner's socket is not ours
+                self._spares.send(frames)
+        finally:
+            _local.task = outer
+            if self._owned():
+                self.current = outer.key if outer is not None else None
+            self.recalls.finish(compute.key, self.index)
 
     def _send(self, msg: Any) -> None:
         self.sock.send_multipart(m.encode(msg), copy=False)
@@ -193,6 +401,59 @@ class Slot(threading.Thread):
                 pass  # liveness ping
             else:
                 logger.warning("slot dropping unexpected %s", type(msg).__name__)
+
+    # --- waiting inside a task ---------------------------------------------------------------
+
+    def block_on(
+        self, futures: Sequence[cf.Future], timeout: float | None, return_when: str
+    ) -> None:
+        """Wait for ``futures`` inside the task this thread runs, giving its slot back meanwhile
+        (see "Tasks that wait for tasks"). Returns when satisfied or when ``timeout`` passed."""
+        task: _Running | None = getattr(_local, "task", None)
+        if task is None or not self._owned() or _satisfied(futures, return_when):
+            cf.wait(futures, timeout, return_when)  # not holding the slot: nothing to give back
+            return
+        if not task.blocked:
+            task.blocked = True
+            self._send(m.SlotBlocked(task.key))
+        if self.replacements.acquire():
+            self._spawn_owner()
+            cf.wait(futures, timeout, return_when)
+        else:
+            self._help_until(futures, timeout, return_when)
+
+    def _help_until(
+        self, futures: Sequence[cf.Future], timeout: float | None, return_when: str
+    ) -> None:
+        """Run the slot's tasks on this thread until ``futures`` satisfy ``return_when``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for fut in futures:
+            fut.add_done_callback(self._wake)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not _satisfied(futures, return_when) and self.running:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            if not self._owned():  # a nested wait gave the slot away: wait like anyone else
+                cf.wait(futures, remaining, return_when)
+                return
+            if self.queue:
+                self._run_task(self.queue.popleft())
+                continue
+            wait_ms = POLL_MS if remaining is None else min(POLL_MS, int(remaining * 1000) + 1)
+            events = dict(poller.poll(wait_ms))
+            if self._wake_r in events:
+                _drain_pipe(self._wake_r)
+            if self.sock in events:
+                self._drain()
+
+    def _wake(self, _fut: cf.Future) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
 
     # --- running a task ----------------------------------------------------------------------
 
@@ -317,3 +578,22 @@ def _dump_error(exc: BaseException) -> list:
         return serialize.dumps_exception(exc)
     except Exception as err:  # pragma: no cover - dumps_exception already falls back
         return serialize.dumps_exception(RuntimeError(f"unreportable error: {err}"))
+
+
+def _satisfied(futures: Sequence[cf.Future], return_when: str) -> bool:
+    """Whether ``cf.wait(futures, return_when=...)`` would return now."""
+    if return_when == cf.FIRST_COMPLETED:
+        return any(f.done() for f in futures) or not futures
+    if return_when == cf.FIRST_EXCEPTION:
+        for f in futures:
+            if f.done() and not f.cancelled() and f.exception(0) is not None:
+                return True
+    return all(f.done() for f in futures)
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:  # empty (BlockingIOError) or closed
+        pass

@@ -1,0 +1,92 @@
+"""Tasks that submit tasks: the executor a task sees as ``meshpool.current_executor()``.
+
+Theory of operation::
+
+    task on a slot thread ── current_executor() ──▶ TaskExecutor (one per worker process, made
+                                                    on first use): a plain remote-mode client
+                                                    DEALER ──▶ the scheduler's ROUTER
+    task ── fut.result() ──▶ future.task_wait_hook ──▶ Slot.block_on (execution.py): the slot
+                                                    runs other tasks while this one waits
+
+:func:`install` runs once in a worker process. It points ``executor.graphs._task_executor`` at a
+:class:`TaskExecutorFactory` and ``executor.future.task_wait_hook`` at the slots' waiting code, so
+``submit``/``map``/``meshpool.get``/``delayed(...).compute()`` inside a task run on the same
+cluster, and waiting for them never holds an execution slot.
+
+The handle is just a client: ``shutdown()`` on it closes its own connection (pending futures of
+its own finish first), never the cluster; the next ``current_executor()`` makes a fresh one.
+
+Priorities: a task submitted from a task ranks one step above the task submitting it (unless
+given a priority explicitly). A task tree therefore runs depth-first, children before the
+siblings of their parents, which keeps the number of tasks waiting at once near the tree's depth
+times the thread count, instead of its width (breadth-first order would start every internal
+node of the tree before the first leaf finished).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+from ..executor import future as _future
+from ..executor import graphs as _graphs
+from ..executor.executor import Executor
+from ..transport.security import Security
+from .execution import current_task_priority, wait_in_task
+
+
+class TaskExecutor(Executor):
+    """A client of the worker's own cluster whose tasks rank above the task submitting them."""
+
+    def _prepare(self, fn: Any, args: tuple, kwargs: dict, options: dict | None) -> tuple:
+        if options is None or "priority" not in options:
+            options = dict(options or {}, priority=child_priority())
+        return super()._prepare(fn, args, kwargs, options)
+
+    def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("priority", child_priority())
+        return super().get(dsk, keys, **kwargs)
+
+    def compute(self, obj: Any, *more: Any, priority: int | None = None) -> Any:
+        return super().compute(
+            obj, *more, priority=child_priority() if priority is None else priority
+        )
+
+
+def child_priority() -> int:
+    """At least one priority step above the running task's (the scheduler's priorities are
+    ``(-priority, ...)``); 0 outside a task."""
+    parent = current_task_priority()
+    first = parent[0] if isinstance(parent, tuple) and parent else None
+    if isinstance(first, (int, float)) and math.isfinite(first):
+        return 1 - math.floor(first)
+    return 0
+
+
+class TaskExecutorFactory:
+    """``current_executor()`` inside a worker: the process's :class:`TaskExecutor`, made on
+    first use (thread-safe) and again after a ``shutdown()``."""
+
+    def __init__(self, scheduler_address: str, security: Security | None) -> None:
+        self.scheduler_address = scheduler_address
+        self.security = security
+        self._lock = threading.Lock()
+        self._executor: TaskExecutor | None = None
+
+    def __call__(self) -> Executor:
+        executor = self._executor
+        if executor is not None and _graphs._usable(executor):
+            return executor
+        with self._lock:
+            executor = self._executor
+            if executor is None or not _graphs._usable(executor):
+                executor = TaskExecutor(self.scheduler_address, security=self.security)
+                self._executor = executor
+        return executor
+
+
+def install(scheduler_address: str, security: Security | None) -> None:
+    """Make tasks in this (worker) process submit to, and wait on, their own cluster."""
+    _graphs._task_executor = TaskExecutorFactory(scheduler_address, security)
+    _future.task_wait_hook = wait_in_task
