@@ -27,7 +27,7 @@ def main() -> None:
     started = time.perf_counter()
     # with ThreadPoolExecutor(4) as executor:        # before: one core, because of the GIL
     with meshpool.Executor(4) as executor:  # after: four worker processes
-        counts = list(executor.map(count_primes, *zip(*chunks)))
+        counts = list(executor.map(count_primes, *zip(*chunks, strict=True)))
         # meshpool extra: futures passed as arguments make a task graph, run on the workers
         parts = [executor.submit(count_primes, a, b) for a, b in chunks]
         total = executor.submit(sum, parts).result()

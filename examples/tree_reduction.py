@@ -27,7 +27,7 @@ def main() -> None:
         values = [ex.submit(load, i) for i in range(16)]
         levels = [values]  # kept only to draw the whole tree below
         while len(values) > 1:  # the seeds' demo: pair up neighbours, level by level
-            pairs = zip(values[0::2], values[1::2])
+            pairs = zip(values[0::2], values[1::2], strict=False)
             leftover = [values[-1]] if len(values) % 2 else []
             values = [ex.submit(add, a, b) for a, b in pairs] + leftover
             levels.append(values)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import gc
 import operator
 import os
@@ -176,7 +177,7 @@ def test_cancel_cancels_pending_dependents():
         further = ex.submit(add, downstream, 1)
         assert waiting.cancel()
         for fut in (waiting, downstream, further):
-            with pytest.raises(Exception):
+            with pytest.raises(cf.CancelledError):
                 fut.result(timeout=30)
             assert fut.cancelled()
         assert blocker.result(timeout=30) == 1.0

@@ -504,7 +504,7 @@ class ClientCore:
             fetch.requests.add(data_id)
             self._data_sock(address).send_multipart(m.encode(m.GetData(data_id, keys)))
 
-    _handlers = {
+    _handlers: dict[type, Any] = {
         m.TaskDone: _on_done,
         m.TaskErred: _on_erred,
         m.TasksCancelled: _on_cancelled,

@@ -73,7 +73,9 @@ class Executor(cf.Executor):
         timeout: float = 10,
         memory_limit: int | str | None = None,
     ) -> None:
-        if isinstance(address, int) and not isinstance(address, bool):
+        if isinstance(address, bool):
+            raise TypeError("address must be a string (scheduler address) or an int (max_workers)")
+        if isinstance(address, int):
             if max_workers is not None:
                 raise TypeError("max_workers given twice (an int first argument is max_workers)")
             address, max_workers = None, address
@@ -163,7 +165,7 @@ class Executor(cf.Executor):
         if remote:
             frames = self._core.fetch_many(remote).result(timeout)
             for f in futures:
-                if f.key in frames and _is_remote(f):
+                if isinstance(f, Future) and f.key in frames and _is_remote(f):
                     with f._condition:
                         f._result = _packed(frames[f.key])
         return [f.result(timeout) for f in futures]
@@ -362,7 +364,7 @@ class Executor(cf.Executor):
             raise ValueError("buffersize must be None or an integer >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
         if chunksize == 1:
-            calls: Iterator[tuple] = zip(*iterables)
+            calls: Iterator[tuple] = zip(*iterables, strict=False)
             fn_to_run = fn
         elif len(iterables) == 1:  # the function travels once (cached), chunks carry data
             calls = ((chunk,) for chunk in _chunks_of_items(iterables[0], chunksize))
@@ -436,7 +438,7 @@ class Executor(cf.Executor):
     ) -> AsyncIterator[Any]:
         """``async for result in ex.map_async(fn, items)``: results in order, never blocking
         the event loop; at most ``buffersize`` tasks in flight (None: submit everything)."""
-        calls = zip(*iterables)
+        calls = zip(*iterables, strict=False)
         window: collections.deque[Future] = collections.deque()
         try:
             while True:
@@ -475,7 +477,7 @@ class Executor(cf.Executor):
         """Send data straight to workers' data sockets, round robin among ``names`` (or all)."""
         targets = self._live_workers(names)
         by_worker: dict[str, tuple[list, list, list]] = {}
-        for key, frames in zip(keys, frames_per_key):
+        for key, frames in zip(keys, frames_per_key, strict=True):
             ws = targets[next(self._scatter_turn) % len(targets)]
             items, out, rows = by_worker.setdefault(ws["address"], ([], [], []))
             items.append((key, len(frames)))
@@ -583,7 +585,7 @@ def _find_futures(args: tuple, kwargs: dict) -> list[Future]:
 
 
 def _chunks(iterables: tuple, chunksize: int) -> Iterator[tuple]:
-    it = zip(*iterables)
+    it = zip(*iterables, strict=False)
     while True:
         chunk = tuple(itertools.islice(it, chunksize))
         if not chunk:

@@ -17,7 +17,6 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Any
 
 import zmq
