@@ -44,7 +44,8 @@ from .future import Future, Packed, Remote
 
 logger = logging.getLogger("meshpool.client")
 
-FETCH_TIMEOUT = 30.0  # a worker that has not sent requested data by then is given up on
+FETCH_TIMEOUT = 10.0  # a worker that has not sent requested data by then is asked about again
+FETCH_UNANSWERED = 3  # ...and after this many unanswered rounds, the fetch fails
 FETCH_RETRIES = 20  # who-has rounds for data that is moving (or being recomputed)
 SCHEDULER_SILENCE = 10.0  # no word from a remote scheduler this long: it is lost
 POLL_MS = 100
@@ -383,6 +384,11 @@ class ClientCore:
     def _cmd_worker_exited(self, worker_id: str, code: int) -> None:
         if self.server is None:
             return
+        gone = self.server.state.workers.get(worker_id)
+        if gone is not None:  # requests to it will never be answered: ask again at once
+            for data_id, (_, address, _) in list(self.data_requests.items()):
+                if address == gone.address:
+                    self._abandon_data_request(data_id, address)
         retired = worker_id in self.server.state._retired
         self.server.remove_worker(worker_id, f"process exited with code {code}")
         if not self.cluster.exited(worker_id, restart=not retired):
@@ -576,6 +582,24 @@ class ClientCore:
                 fetch.attempts += 1
                 self._ask_who_has(fetch_id)
 
+    def _abandon_data_request(self, data_id: int, address: str) -> None:
+        """A worker did not answer (or is gone): ask the scheduler again where the data is,
+        a few times (it may have moved, or be recomputed), then fail naming the address."""
+        fetch_id = self.data_requests.pop(data_id)[0]
+        self._drop_data_sock(address)
+        fetch = self.fetches.get(fetch_id)
+        if fetch is None:
+            return
+        fetch.requests.discard(data_id)
+        fetch.attempts += 1
+        if fetch.attempts > FETCH_UNANSWERED:
+            self._finish_fetch(
+                fetch_id,
+                errors.CommError(f"worker at {address} did not send the data it holds"),
+            )
+        elif not fetch.requests:
+            self._ask_who_has(fetch_id)
+
     def _finish_fetch(self, fetch_id: int, error: BaseException | None) -> None:
         fetch = self.fetches.pop(fetch_id, None)
         if fetch is None or fetch.reply.done():
@@ -595,14 +619,9 @@ class ClientCore:
                 )
             )
             return
-        for data_id, (fetch_id, address, started) in list(self.data_requests.items()):
+        for data_id, (_, address, started) in list(self.data_requests.items()):
             if now - started > FETCH_TIMEOUT:
-                del self.data_requests[data_id]
-                self._drop_data_sock(address)
-                error = errors.CommError(
-                    f"worker at {address} did not send data within {FETCH_TIMEOUT:g} s"
-                )
-                self._finish_fetch(fetch_id, error)
+                self._abandon_data_request(data_id, address)
         for fetch_id, fetch in list(self.fetches.items()):
             if fetch.attempts and not fetch.requests and not fetch.asking:
                 self._ask_who_has(fetch_id)

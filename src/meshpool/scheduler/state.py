@@ -35,7 +35,9 @@ A task that waits for other tasks (a ``result()`` inside it) says so on its slot
 counts against the slot's room and the slot is sent more work, which the worker runs on another
 thread. It is still executing on that worker: KilledWorker blames it if the worker dies, and a
 cancel leaves it alone. Its completion may arrive on a helper connection ``worker-id/slot~n``,
-which counts as the slot's.
+which counts as the slot's. A slot with blocked tasks gets no prefetch: each task it is sent
+next must be the most urgent one when it frees (tasks submitted from tasks rank above their
+parent), or a task tree would run breadth-first, every prefetched task blocking in turn.
 
 References: a task is kept while a client wants it (``wanted_by``) or a pending task needs it
 (``waiters``). Dropping a future releases the key but never cancels the task; the result is
@@ -188,6 +190,7 @@ class WorkerState:
         "processing",
         "slots",
         "blocked",
+        "blocked_count",
         "ready_slots",
         "has_what",
         "nbytes",
@@ -208,6 +211,7 @@ class WorkerState:
         self.processing: set[TaskState] = set()
         self.slots: list[deque[TaskState]] = [deque() for _ in range(self.nthreads)]
         self.blocked: set[TaskState] = set()  # executing, but waiting on other tasks (no room)
+        self.blocked_count = [0] * self.nthreads  # of those, per slot
         self.ready_slots: list[int] = []
         self.has_what: set[TaskState] = set()
         self.nbytes = 0
@@ -345,6 +349,7 @@ class SchedulerState:
             self._make_ready_or_wait(ts)
         ws.processing.clear()
         ws.blocked.clear()
+        ws.blocked_count = [0] * ws.nthreads
         for q in ws.slots:
             q.clear()
         self._thieves = {t for t in self._thieves if t[0] != worker_id}
@@ -742,6 +747,7 @@ class SchedulerState:
         except ValueError:  # pragma: no cover - processing on a slot means queued there
             return
         ws.blocked.add(ts)
+        ws.blocked_count[ts.slot] += 1
         self._dispatch()
 
     def _worker_heartbeat(self, ws: WorkerState, msg: m.Heartbeat) -> None:
@@ -755,8 +761,26 @@ class SchedulerState:
         heapq.heappush(self._ready, (ts.priority, self._seq, ts))
 
     def _make_ready_or_wait(self, ts: TaskState) -> None:
-        """Put a task back to be scheduled, first recomputing inputs that were lost."""
+        """Put a task back to be scheduled, first recomputing inputs that were lost.
+
+        Lineage is bounded: a result is kept recomputable only while something references it
+        (a client's future or a pending dependent). An input already released cannot be
+        recomputed, so a task that needs it again fails with DataLost instead of waiting
+        forever; ``x = submit(step, x)`` looped a million times thus keeps memory flat.
+        """
         ts.state = WAITING
+        for dts in ts.dependencies:
+            if self.tasks.get(dts.key) is not dts:
+                self._fail(
+                    ts,
+                    _error_frames(
+                        "DataLost",
+                        f"{ts.key!r} must be recomputed, but its input {dts.key!r} was "
+                        "released already (lineage is kept only while a result is "
+                        "referenced; keep the input's future to keep it recomputable)",
+                    ),
+                )
+                return
         ts.waiting_on = {d for d in ts.dependencies if d.state != MEMORY}
         for dts in ts.waiting_on:
             if dts.state not in (WAITING, READY, PROCESSING, NO_WORKER):
@@ -789,6 +813,7 @@ class SchedulerState:
         queue = ws.slots[ts.slot]
         if ts in ws.blocked:
             ws.blocked.discard(ts)
+            ws.blocked_count[ts.slot] -= 1
         elif queue and queue[0] is ts:
             queue.popleft()
         else:
@@ -921,9 +946,14 @@ class SchedulerState:
         best, best_len = -1, capacity
         for index in ws.ready_slots:
             length = len(ws.slots[index])
-            if length < best_len:
+            if length < best_len and (length == 0 or not ws.blocked_count[index]):
                 best, best_len = index, length
         return best
+
+    @staticmethod
+    def _room(ws: WorkerState, slot: int, capacity: int) -> int:
+        """Tasks ``slot`` may hold: no prefetch while it has blocked tasks (module docstring)."""
+        return 1 if ws.blocked_count[slot] else capacity
 
     def _fits(self, ts: TaskState, ws: WorkerState) -> bool:
         if ts.restrictions is None:
@@ -1057,7 +1087,7 @@ class SchedulerState:
         this way whose input fails or is cancelled is withdrawn with CancelCompute.
         """
         queue = ws.slots[slot]
-        capacity = self.slot_capacity()
+        capacity = self._room(ws, slot, self.slot_capacity())
         index = 0
         while index < len(queue) and len(queue) < capacity:
             for dep in list(queue[index].dependents):
@@ -1129,6 +1159,8 @@ class SchedulerState:
                 assert ts.processing_on is ws and ts.state == PROCESSING, (ts, ws)
                 assert (ts in ws.slots[ts.slot]) != (ts in ws.blocked), (ts, ws)
             assert ws.blocked <= ws.processing, ws
+            for index, count in enumerate(ws.blocked_count):
+                assert count == sum(1 for t in ws.blocked if t.slot == index), (ws, index)
             assert sum(len(q) for q in ws.slots) + len(ws.blocked) == len(ws.processing), ws
 
 

@@ -57,7 +57,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures as cf
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +79,10 @@ FETCH_TIMEOUT = 10.0  # seconds a peer gets to send data before the next holder 
 # threads (and memory for their stacks); fewer makes waiting tasks run queued tasks nested on
 # their own stack, which delays the outer task until the inner ones finish.
 MAX_REPLACEMENTS = 64
+# A helping wait runs tasks nested on its own stack; at this many levels it hands the slot over
+# even past MAX_REPLACEMENTS: one more thread is better than a RecursionError (with depth-first
+# priorities a task tree rarely nests this deep: see worker/nested.py).
+MAX_NESTING = 16
 POLL_MS = 250  # an idle owner re-checks whether the slot is closing this often
 
 _local = threading.local()  # .slot: the Slot this thread works for; .task: its innermost _Running
@@ -169,10 +173,11 @@ class Replacements:
         self._replaced = 0
         self._helped = 0
 
-    def acquire(self) -> bool:
-        """True if one more thread may hand its slot over; else count a wait that helps."""
+    def acquire(self, force: bool = False) -> bool:
+        """True if one more thread may hand its slot over (``force``: even past the limit);
+        else count a wait that helps."""
         with self._lock:
-            if self._waiting >= self.limit:
+            if self._waiting >= self.limit and not force:
                 self._helped += 1
                 return False
             self._waiting += 1
@@ -195,13 +200,16 @@ class Replacements:
 class _Running:
     """A task running on the current thread (``_local.task``); tasks nest when a wait helps."""
 
-    __slots__ = ("key", "priority", "blocked", "outer")
+    __slots__ = ("key", "priority", "blocked", "submitted", "waited", "outer", "depth")
 
     def __init__(self, key: Any, priority: Any, outer: _Running | None) -> None:
         self.key = key
         self.priority = priority
         self.blocked = False  # SlotBlocked sent: the scheduler no longer counts it in the slot
+        self.submitted = False  # submitted tasks (current_executor()) since it last blocked
+        self.waited = 0.0  # seconds spent in block_on
         self.outer = outer
+        self.depth: int = 0 if outer is None else outer.depth + 1  # tasks it runs nested in
 
 
 class _SpareSockets:
@@ -246,6 +254,22 @@ def current_task_priority() -> Any:
     """The scheduler priority of the task the calling thread runs, or None (worker/nested.py)."""
     task = getattr(_local, "task", None)
     return None if task is None else task.priority
+
+
+def note_submission() -> None:
+    """The task the calling thread runs (if any) has just submitted tasks (worker/nested.py)."""
+    task = getattr(_local, "task", None)
+    if task is not None:
+        task.submitted = True
+
+
+def _no_barrier(timeout: float | None) -> None:
+    pass
+
+
+# Set by worker/nested.py: returns once the scheduler has seen every task this process submitted
+# so far (a round trip on the submitting connection).
+submissions_barrier: Callable[[float | None], None] = _no_barrier
 
 
 def wait_in_task(futures: Sequence[cf.Future], timeout: float | None, return_when: str) -> bool:
@@ -409,14 +433,29 @@ class Slot:
     ) -> None:
         """Wait for ``futures`` inside the task this thread runs, giving its slot back meanwhile
         (see "Tasks that wait for tasks"). Returns when satisfied or when ``timeout`` passed."""
-        task: _Running | None = getattr(_local, "task", None)
-        if task is None or not self._owned() or _satisfied(futures, return_when):
-            cf.wait(futures, timeout, return_when)  # not holding the slot: nothing to give back
-            return
+        task: _Running = _local.task
+        start = time.perf_counter()
+        try:
+            if not self._owned() or _satisfied(futures, return_when):
+                cf.wait(futures, timeout, return_when)  # not holding the slot: nothing to give
+            else:
+                self._give_way(task, futures, timeout, return_when)
+        finally:
+            task.waited += time.perf_counter() - start
+
+    def _give_way(
+        self, task: _Running, futures: Sequence[cf.Future], timeout: float | None, return_when: str
+    ) -> None:
         if not task.blocked:
+            if task.submitted:
+                # the tasks it submitted must reach the scheduler before SlotBlocked frees the
+                # slot, or the slot is sent an older, less urgent task (the two travel on
+                # different connections): breadth-first again
+                task.submitted = False
+                submissions_barrier(timeout)
             task.blocked = True
             self._send(m.SlotBlocked(task.key))
-        if self.replacements.acquire():
+        if self.replacements.acquire(force=task.depth >= MAX_NESTING):
             self._spawn_owner()
             cf.wait(futures, timeout, return_when)
         else:
@@ -468,10 +507,8 @@ class Slot:
             fn, args, kwargs = self._unpack(compute)
             value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit and friends fail this task only
-            return m.encode(
-                m.ComputeErred(compute.key, time.perf_counter() - start, _dump_error(exc))
-            )
-        duration = time.perf_counter() - start
+            return m.encode(m.ComputeErred(compute.key, _busy(start), _dump_error(exc)))
+        duration = _busy(start)
         try:
             frames = serialize.dumps(value, what=f"result of {_fn_name(fn)}")
         except Exception as exc:
@@ -578,6 +615,13 @@ def _dump_error(exc: BaseException) -> list:
         return serialize.dumps_exception(exc)
     except Exception as err:  # pragma: no cover - dumps_exception already falls back
         return serialize.dumps_exception(RuntimeError(f"unreportable error: {err}"))
+
+
+def _busy(start: float) -> float:
+    """Seconds the current task has run since ``start``, less what it spent waiting for other
+    tasks (the scheduler sizes prefetch by task durations: waits are no work)."""
+    task: _Running | None = getattr(_local, "task", None)
+    return time.perf_counter() - start - (task.waited if task is not None else 0.0)
 
 
 def _satisfied(futures: Sequence[cf.Future], return_when: str) -> bool:

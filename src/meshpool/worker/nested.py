@@ -29,11 +29,13 @@ import math
 import threading
 from typing import Any
 
+from .. import messages as m
 from ..executor import future as _future
 from ..executor import graphs as _graphs
 from ..executor.executor import Executor
 from ..transport.security import Security
-from .execution import current_task_priority, wait_in_task
+from . import execution
+from .execution import current_task_priority, note_submission, wait_in_task
 
 
 class TaskExecutor(Executor):
@@ -42,16 +44,23 @@ class TaskExecutor(Executor):
     def _prepare(self, fn: Any, args: tuple, kwargs: dict, options: dict | None) -> tuple:
         if options is None or "priority" not in options:
             options = dict(options or {}, priority=child_priority())
+        note_submission()
         return super()._prepare(fn, args, kwargs, options)
 
     def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("priority", child_priority())
+        note_submission()
         return super().get(dsk, keys, **kwargs)
 
     def compute(self, obj: Any, *more: Any, priority: int | None = None) -> Any:
+        note_submission()
         return super().compute(
             obj, *more, priority=child_priority() if priority is None else priority
         )
+
+    def barrier(self, timeout: float | None) -> None:
+        """Return once the scheduler has handled everything this client sent so far."""
+        self._core.request(m.Ping, timeout)
 
 
 def child_priority() -> int:
@@ -85,8 +94,19 @@ class TaskExecutorFactory:
                 self._executor = executor
         return executor
 
+    def barrier(self, timeout: float | None) -> None:
+        """The scheduler has seen this process's submissions (before a task frees its slot)."""
+        executor = self._executor
+        if executor is not None and _graphs._usable(executor):
+            try:
+                executor.barrier(executor._core.timeout if timeout is None else timeout)
+            except Exception:  # only an ordering hint: never fail the waiting task for it
+                pass
+
 
 def install(scheduler_address: str, security: Security | None) -> None:
     """Make tasks in this (worker) process submit to, and wait on, their own cluster."""
-    _graphs._task_executor = TaskExecutorFactory(scheduler_address, security)
+    factory = TaskExecutorFactory(scheduler_address, security)
+    _graphs._task_executor = factory
     _future.task_wait_hook = wait_in_task
+    execution.submissions_barrier = factory.barrier

@@ -35,6 +35,8 @@ from .store import DataStore
 logger = logging.getLogger("meshpool.worker")
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on the control connection
+MEMORY_CHECK_INTERVAL = 0.1  # seconds between RSS checks when a memory limit is set
+MEMORY_EXCEEDED = 4  # exit code: over the memory limit (the nanny restarts the worker)
 CREDENTIALS_REFUSED = 3  # exit code: the nanny does not restart a worker the scheduler refused
 REPLICA_TIMEOUT = 60.0  # a retiring peer that has not sent its data by then is given up on
 SCHEDULER_SILENCE = 30.0  # no word from the scheduler this long: it is gone, and so do we
@@ -69,6 +71,7 @@ class Worker:
         self.exit_reason = ""
         self.exit_code = 0
         self._unsent: list = []  # control messages waiting for a connection
+        self._last_memory_check = 0.0
         self._last_heartbeat = 0.0
         self._last_from_scheduler = time.monotonic()
         self.security = security
@@ -255,7 +258,23 @@ class Worker:
             if not isinstance(msg, m.Heartbeat):
                 self._unsent.append(msg)
 
+    def _check_memory(self) -> None:
+        """Over its memory limit, the worker exits; its nanny starts a fresh one and the
+        scheduler reschedules its tasks (the one running is blamed: KilledWorker after 3)."""
+        rss = _rss()
+        if self.memory_limit and rss > self.memory_limit:
+            self.exit_reason = (
+                f"memory {rss / 2**20:.0f} MiB exceeds the limit of "
+                f"{self.memory_limit / 2**20:.0f} MiB"
+            )
+            self.exit_code = MEMORY_EXCEEDED
+            logger.error("worker %s: %s; restarting", self.name, self.exit_reason)
+            self.running = False
+
     def _on_tick(self, now: float) -> None:
+        if self.memory_limit and now - self._last_memory_check >= MEMORY_CHECK_INTERVAL:
+            self._last_memory_check = now
+            self._check_memory()
         if self._unsent:
             unsent, self._unsent = self._unsent, []
             for msg in unsent:
@@ -369,3 +388,17 @@ def _route_ip(address: str) -> str:
             return str(probe.getsockname()[0])
     except OSError:
         return socket.gethostname()
+
+
+def _rss() -> int:
+    """This process's resident memory in bytes (Linux /proc; elsewhere the peak, from
+    getrusage, which errs on the side of restarting)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
