@@ -368,12 +368,13 @@ def test_future_repr_and_key(ex):
     assert isinstance(fut, cf.Future)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the client is not told when a task starts, so a meshpool future never reports "
-    "running() (the stdlib's executors call set_running_or_notify_cancel before a run)",
-)
 def test_running_task_reports_running(ex, tmp_path):
     with Gate(ex, tmp_path, "running") as gate:
         gate.wait_started()
         assert gate.future.running()
+
+
+def test_finished_futures_are_not_running(ex):
+    done = ex.submit(abs, -2)
+    assert done.result(timeout=30) == 2
+    assert not done.running()

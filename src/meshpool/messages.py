@@ -102,6 +102,15 @@ class CancelKeys:
 
 
 @_message
+class IsRunning:
+    """Does a worker run this task now? (``Future.running()`` asks; Reply carries a bool.)"""
+
+    op: ClassVar[str] = "is-running"
+    request_id: int
+    key: Key
+
+
+@_message
 class WhoHas:
     op: ClassVar[str] = "who-has"
     request_id: int

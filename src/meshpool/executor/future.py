@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import _base
 from typing import TYPE_CHECKING, Any
 
+from .. import messages as m
 from ..errors import SerializationError
 from ..transport import serialize
 
@@ -128,7 +129,16 @@ class Future(_base.Future):
         return self._state in _CANCELLED_STATES
 
     def running(self) -> bool:
-        return self._state == _base.RUNNING
+        """True while a worker runs the task. A pending future asks the scheduler (a bounded
+        wait, like cancel()); the hot path sends no message per task for this."""
+        if self._state != _base.PENDING:
+            return self._state == _base.RUNNING
+        try:
+            return bool(
+                self._client.request(lambda rid: m.IsRunning(rid, self.key), CANCEL_TIMEOUT)
+            )
+        except Exception:
+            return False
 
     def set_result(self, result: Any) -> None:
         if not self._complete_unwatched(result, None):

@@ -262,6 +262,7 @@ class SchedulerState:
             m.ReleaseKeys: self._client_release,
             m.CancelKeys: self._client_cancel,
             m.WhoHas: self._client_who_has,
+            m.IsRunning: self._client_is_running,
             m.SetInitializer: self._client_initializer,
             m.Scatter: self._client_scatter,
             m.GetWorkers: self._client_get_workers,
@@ -472,6 +473,17 @@ class SchedulerState:
             request.outstanding -= 1
             if request.outstanding == 0:
                 self._answer_cancel(request)
+
+    def _client_is_running(self, client_id: str, msg: m.IsRunning) -> None:
+        """Running: on a worker and the oldest task of its slot (or one the worker said it
+        had started when a recall came too late)."""
+        ts = self.tasks.get(msg.key)
+        running = False
+        if ts is not None and ts.state == PROCESSING and ts.processing_on is not None:
+            queue = ts.processing_on.slots[ts.slot]
+            started = ts.recall is not None and ts.recall.started
+            running = bool(queue and queue[0] is ts) or started or ts in ts.processing_on.blocked
+        self._out.append((client_id, m.Reply(msg.request_id, running)))
 
     def _client_who_has(self, client_id: str, msg: m.WhoHas) -> None:
         locations = {}
