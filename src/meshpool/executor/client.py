@@ -39,7 +39,7 @@ from .. import messages as m
 from ..transport import serialize
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
-from ..transport.sockets import make_socket, private_directory, remove_directory
+from ..transport.sockets import connect_to_data, make_socket, private_directory, remove_directory
 from .future import Future, Packed, Remote
 
 logger = logging.getLogger("meshpool.client")
@@ -277,12 +277,15 @@ class ClientCore:
             while True:
                 events = dict(poller.poll(POLL_MS))
                 if self._wake_r in events:
-                    self._wake_pending = False
                     try:
                         while os.read(self._wake_r, 4096):
                             pass
                     except (BlockingIOError, OSError):
                         pass
+                    # only now: cleared before the read, a wake() in between would set it
+                    # again with its byte read here, and the next wake() would write nothing
+                    # (a command stuck until the poll timeout)
+                    self._wake_pending = False
                 self._drain_commands()
                 if self.server is not None and self.server.router in events:
                     self.server.handle_router()
@@ -536,10 +539,7 @@ class ClientCore:
     def _data_sock(self, address: str) -> zmq.Socket:
         sock = self.data_socks.get(address)
         if sock is None:
-            sock = self.data_socks[address] = make_socket(zmq.DEALER)
-            if self.security is not None and address.startswith("tcp://"):
-                self.security.client(sock, address)
-            sock.connect(address)
+            sock = self.data_socks[address] = connect_to_data(address, self.security)
             self._poller.register(sock, zmq.POLLIN)
         return sock
 

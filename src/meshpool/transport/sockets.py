@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Any
 
 import zmq
 
@@ -40,6 +41,16 @@ def make_socket(kind: int, identity: bytes | None = None) -> zmq.Socket:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
+    return sock
+
+
+def connect_to_data(address: str, security: Any = None) -> zmq.Socket:
+    """A DEALER connected to a worker's data socket (CURVE on TCP when we hold credentials;
+    ipc peers are authenticated by the private directory's permissions)."""
+    sock = make_socket(zmq.DEALER)
+    if security is not None and address.startswith("tcp://"):
+        security.client(sock, address)
+    sock.connect(address)
     return sock
 
 

@@ -68,7 +68,7 @@ from .. import messages as m
 from ..transport import serialize
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
-from ..transport.sockets import make_socket
+from ..transport.sockets import connect_to_data, make_socket
 from .store import DataStore
 
 logger = logging.getLogger("meshpool.worker")
@@ -272,7 +272,7 @@ def _no_barrier(timeout: float | None) -> None:
 submissions_barrier: Callable[[float | None], None] = _no_barrier
 
 
-def wait_in_task(futures: Sequence[cf.Future], timeout: float | None, return_when: str) -> bool:
+def wait_in_slot(futures: Sequence[cf.Future], timeout: float | None, return_when: str) -> bool:
     """The hook ``executor.future`` calls before a blocking wait; True if it did the waiting.
 
     Only a thread running a task in a slot waits here (giving the slot back meanwhile); any
@@ -568,10 +568,7 @@ class Slot:
         """Ask one peer for keys; return what it sent (nothing if it did not answer in time)."""
         sock = self._peers.get(address)
         if sock is None:
-            sock = self._peers[address] = make_socket(zmq.DEALER)
-            if self.security is not None and address.startswith("tcp://"):
-                self.security.client(sock, address)
-            sock.connect(address)
+            sock = self._peers[address] = connect_to_data(address, self.security)
         self._request_id += 1
         sock.send_multipart(m.encode(m.GetData(self._request_id, keys)))
         deadline = time.monotonic() + FETCH_TIMEOUT

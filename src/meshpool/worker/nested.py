@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterable
+from concurrent import futures as cf
 from typing import Any
 
 from .. import messages as m
 from ..executor import future as _future
 from ..executor import graphs as _graphs
 from ..executor.executor import Executor
+from ..executor.future import wait_in_task
 from ..transport.security import Security
 from . import execution
-from .execution import current_task_priority, note_submission, wait_in_task
+from .execution import current_task_priority, note_submission, wait_in_slot
 
 
 class TaskExecutor(Executor):
@@ -57,6 +60,11 @@ class TaskExecutor(Executor):
         return super().compute(
             obj, *more, priority=child_priority() if priority is None else priority
         )
+
+    def gather(self, futures: Iterable[cf.Future], timeout: float | None = None) -> list:
+        futures = list(futures)
+        timeout = wait_in_task(futures, timeout)  # Executor.gather waits with cf.wait
+        return super().gather(futures, timeout)
 
     def barrier(self, timeout: float | None) -> None:
         """Return once the scheduler has handled everything this client sent so far."""
@@ -108,5 +116,5 @@ def install(scheduler_address: str, security: Security | None) -> None:
     """Make tasks in this (worker) process submit to, and wait on, their own cluster."""
     factory = TaskExecutorFactory(scheduler_address, security)
     _graphs._task_executor = factory
-    _future.task_wait_hook = wait_in_task
+    _future.task_wait_hook = wait_in_slot
     execution.submissions_barrier = factory.barrier

@@ -28,7 +28,7 @@ from .. import messages as m
 from ..transport import serialize
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
-from ..transport.sockets import bind, make_socket
+from ..transport.sockets import bind, connect_to_data, make_socket
 from .execution import MAX_REPLACEMENTS, Initializers, Recalls, Replacements, Slot, _buffer
 from .store import DataStore
 
@@ -199,10 +199,7 @@ class Worker:
         for address, keys in by_address.items():
             sock = self._replica_peers.get(address)
             if sock is None:
-                sock = self._replica_peers[address] = make_socket(zmq.DEALER)
-                if self.security is not None and address.startswith("tcp://"):
-                    self.security.client(sock, address)
-                sock.connect(address)
+                sock = self._replica_peers[address] = connect_to_data(address, self.security)
                 self._poller.register(sock, zmq.POLLIN)
             self._replica_request += 1
             self._replica_started[address] = time.monotonic()
