@@ -55,6 +55,8 @@ import collections
 import itertools
 import logging
 import os
+import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -79,11 +81,24 @@ FETCH_TIMEOUT = 10.0  # seconds a peer gets to send data before the next holder 
 # threads (and memory for their stacks); fewer makes waiting tasks run queued tasks nested on
 # their own stack, which delays the outer task until the inner ones finish.
 MAX_REPLACEMENTS = 64
-# A helping wait runs tasks nested on its own stack; at this many levels it hands the slot over
-# even past MAX_REPLACEMENTS: one more thread is better than a RecursionError (with depth-first
-# priorities a task tree rarely nests this deep: see worker/nested.py).
-MAX_NESTING = 16
+# A helping wait runs tasks nested on its own stack. Once the stack holds this share of the
+# recursion limit it hands the slot over even past MAX_REPLACEMENTS: one more thread is better
+# than a RecursionError. (Nesting is not bounded by the task tree's depth: a helper may be sent a
+# task from another branch, whose whole subtree then runs above the frames waiting below it.)
+NESTING_STACK_SHARE = 0.5
+# A helping wait gives its own task this long to resume (after it starts waiting, and after each
+# task it ran) before it runs a less urgent queued task nested. The scheduler frees the slot the
+# moment an awaited task finishes, so the next task can arrive before the result has reached the
+# waiting task (scheduler -> client -> future); run at once, that unrelated task would pin the
+# waiting one under its whole subtree. Longer: fewer such nestings; shorter: less idle time when
+# the wait really needs that task.
+HELP_GRACE = 0.02
 POLL_MS = 250  # an idle owner re-checks whether the slot is closing this often
+# Threads whose task ended after they gave their slot away wait this long, this many per worker,
+# to own a slot again: starting a thread costs ~0.2 ms (Thread.start waits for it to run), a
+# parked one wakes in a fraction of that. More: idle threads kept around.
+PARKED_THREADS = 4
+PARK_SECONDS = 30.0
 
 _local = threading.local()  # .slot: the Slot this thread works for; .task: its innermost _Running
 
@@ -163,11 +178,13 @@ class ReplacementStatistics:
 
 
 class Replacements:
-    """The cap on threads of one worker waiting in tasks with their slot handed over."""
+    """The cap on threads of one worker waiting in tasks with their slot handed over, and the
+    threads parked to become owners again."""
 
     def __init__(self, limit: int = MAX_REPLACEMENTS) -> None:
         self.limit = max(0, int(limit))
         self._lock = threading.Lock()
+        self._parked: list[tuple[threading.Thread, queue.SimpleQueue]] = []
         self._waiting = 0
         self._peak = 0
         self._replaced = 0
@@ -189,6 +206,31 @@ class Replacements:
         """A thread that handed its slot over has finished its task (and exits)."""
         with self._lock:
             self._waiting -= 1
+
+    def take_parked(self) -> tuple[threading.Thread, queue.SimpleQueue] | None:
+        """A parked thread and its inbox (put the Slot it now owns there), or None."""
+        with self._lock:
+            return self._parked.pop() if self._parked else None
+
+    def park(self) -> Slot | None:
+        """A thread done with its task waits here for a slot to own; None: exit instead."""
+        me: tuple[threading.Thread, queue.SimpleQueue] = (
+            threading.current_thread(),
+            queue.SimpleQueue(),
+        )
+        with self._lock:
+            if len(self._parked) >= PARKED_THREADS:
+                return None
+            self._parked.append(me)
+        try:
+            slot: Slot = me[1].get(timeout=PARK_SECONDS)
+        except queue.Empty:
+            with self._lock:
+                if me in self._parked:
+                    self._parked.remove(me)
+                    return None
+            slot = me[1].get()  # taken just as the wait ended: the slot is on its way
+        return slot
 
     def statistics(self) -> ReplacementStatistics:
         with self._lock:
@@ -248,6 +290,16 @@ class _SpareSockets:
             for sock in self._idle:
                 sock.close(linger=0)
             self._idle.clear()
+
+
+def _owner_thread(slot: Slot, hello: bool) -> None:
+    """A slot thread's life: own a slot; once it gave it away and its task ended, park until a
+    slot needs a new owner (or exit)."""
+    next_slot: Slot | None = slot
+    while next_slot is not None and next_slot._serve(hello):
+        hello = False
+        threading.current_thread().name = "meshpool-parked"
+        next_slot = next_slot.replacements.park()
 
 
 def current_task_priority() -> Any:
@@ -335,21 +387,30 @@ class Slot:
         self._spawn_owner(hello=True)
 
     def _spawn_owner(self, hello: bool = False) -> None:
-        """Make a new thread the owner: the socket, queue and peers are its from now on."""
+        """Make another thread (a parked one, else a new one) the owner: the socket, queue and
+        peers are its from now on."""
         generation = next(self._generation)
-        name = f"meshpool-slot-{self.index}" + (f".{generation}" if generation else "")
-        thread = threading.Thread(target=self._serve, args=(hello,), name=name, daemon=True)
+        parked = self.replacements.take_parked() if generation else None
+        if parked is None:
+            thread = threading.Thread(target=_owner_thread, args=(self, hello), daemon=True)
+        else:
+            thread = parked[0]
+        thread.name = f"meshpool-slot-{self.index}" + (f".{generation}" if generation else "")
         with self._handover:  # the barrier between the old owner's last use and the new one's
             self._owner = thread
             self.current = None
-        thread.start()
+        if parked is None:
+            thread.start()
+        else:
+            parked[1].put(self)
 
     def _owned(self) -> bool:
         # only the owner changes the owner, so no lock is needed to ask "is it me?"
         return self._owner is threading.current_thread()
 
-    def _serve(self, hello: bool) -> None:
-        """An owner thread's life: run the slot's tasks while it is the owner."""
+    def _serve(self, hello: bool) -> bool:
+        """Run the slot's tasks while this thread owns it. True if the thread ended by giving the
+        slot away (to wait in a task that has now ended): it may park and own a slot again."""
         with self._handover:  # pairs with _spawn_owner: the previous owner is done with them
             _local.slot = self
         try:
@@ -360,10 +421,12 @@ class Slot:
         except zmq.ContextTerminated:
             pass
         finally:
-            if self._owned():  # the slot is closing
+            owner = self._owned()
+            if owner:  # the slot is closing
                 self._close()
-            else:  # this thread gave the slot away to wait in a task: that task is done now
+            else:
                 self.replacements.release()
+        return not owner and self.running
 
     def _close(self) -> None:
         # (the wake pipe stays open: a late done-callback must never write to a reused fd)
@@ -455,17 +518,18 @@ class Slot:
                 submissions_barrier(timeout)
             task.blocked = True
             self._send(m.SlotBlocked(task.key))
-        if self.replacements.acquire(force=task.depth >= MAX_NESTING):
+        if self.replacements.acquire(force=not _stack_room()):
             self._spawn_owner()
             cf.wait(futures, timeout, return_when)
         else:
-            self._help_until(futures, timeout, return_when)
+            self._help_until(task, futures, timeout, return_when)
 
     def _help_until(
-        self, futures: Sequence[cf.Future], timeout: float | None, return_when: str
+        self, task: _Running, futures: Sequence[cf.Future], timeout: float | None, return_when: str
     ) -> None:
         """Run the slot's tasks on this thread until ``futures`` satisfy ``return_when``."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        grace_until = time.monotonic() + HELP_GRACE
         for fut in futures:
             fut.add_done_callback(self._wake)
         poller = zmq.Poller()
@@ -478,15 +542,27 @@ class Slot:
             if not self._owned():  # a nested wait gave the slot away: wait like anyone else
                 cf.wait(futures, remaining, return_when)
                 return
-            if self.queue:
+            if self.queue and not self._defer(task, grace_until):
                 self._run_task(self.queue.popleft())
+                grace_until = time.monotonic() + HELP_GRACE  # its result may be on the way
                 continue
             wait_ms = POLL_MS if remaining is None else min(POLL_MS, int(remaining * 1000) + 1)
+            if self.queue:  # deferred: sleep only until the grace period ends
+                wait_ms = min(wait_ms, int((grace_until - time.monotonic()) * 1000) + 1)
             events = dict(poller.poll(wait_ms))
             if self._wake_r in events:
                 _drain_pipe(self._wake_r)
             if self.sock in events:
                 self._drain()
+
+    def _defer(self, task: _Running, grace_until: float) -> bool:
+        """Whether the next queued task should wait for ``task`` to resume (HELP_GRACE)."""
+        if time.monotonic() >= grace_until:
+            return False
+        try:
+            return bool(self.queue[0].priority > task.priority)  # less urgent
+        except TypeError:  # priorities of unlike shapes: no opinion
+            return False
 
     def _wake(self, _fut: cf.Future) -> None:
         try:
@@ -619,6 +695,17 @@ def _busy(start: float) -> float:
     tasks (the scheduler sizes prefetch by task durations: waits are no work)."""
     task: _Running | None = getattr(_local, "task", None)
     return time.perf_counter() - start - (task.waited if task is not None else 0.0)
+
+
+def _stack_room() -> bool:
+    """Whether this thread's stack may grow by another nested task (NESTING_STACK_SHARE)."""
+    limit = int(sys.getrecursionlimit() * NESTING_STACK_SHARE)
+    frame = sys._getframe()
+    depth = 0
+    while frame is not None and depth < limit:
+        frame = frame.f_back  # type: ignore[assignment]
+        depth += 1
+    return depth < limit
 
 
 def _satisfied(futures: Sequence[cf.Future], return_when: str) -> bool:

@@ -66,6 +66,13 @@ class TaskExecutor(Executor):
         timeout = wait_in_task(futures, timeout)  # Executor.gather waits with cf.wait
         return super().gather(futures, timeout)
 
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Close this handle, never the cluster. Waiting for its pending tasks first gives the
+        calling task's slot back, like ``result()`` (the base class joins its I/O thread)."""
+        if wait and not cancel_futures:
+            wait_in_task(list(self._core.pending.values()), None)
+        super().shutdown(wait, cancel_futures=cancel_futures)
+
     def barrier(self, timeout: float | None) -> None:
         """Return once the scheduler has handled everything this client sent so far."""
         self._core.request(m.Ping, timeout)
