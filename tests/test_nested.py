@@ -200,10 +200,6 @@ def test_current_executor_in_task_and_its_shutdown_leaves_the_cluster_alone():
         assert ex.submit(submit_and_wait, 5).result(timeout=LIVENESS) == 6
 
 
-@pytest.mark.skip(
-    reason="intermittent hang (1 in ~3 full runs): a task's `with current_executor()` block "
-    "can wait forever in shutdown(wait=True) on one thread; open in issue 7"
-)
 @pytest.mark.timeout(120)
 def test_handle_shutdown_waits_for_its_tasks_without_holding_the_slot():
     with meshpool.Executor(1, threads_per_worker=1) as ex:

@@ -69,7 +69,11 @@ class TaskExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Close this handle, never the cluster. Waiting for its pending tasks first gives the
         calling task's slot back, like ``result()`` (the base class joins its I/O thread)."""
-        if wait and not cancel_futures:
+        if wait and not cancel_futures and not self._shutdown and self._core.broken is None:
+            try:
+                self.barrier(self._core.timeout)  # the I/O thread has taken in every submit
+            except Exception:  # broken meanwhile: nothing left to wait for
+                pass
             wait_in_task(list(self._core.pending.values()), None)
         super().shutdown(wait, cancel_futures=cancel_futures)
 
