@@ -141,6 +141,25 @@ def submit_then_close(x):
     return fut.result(timeout=0)
 
 
+_holder_ready = threading.Event()  # in the worker process: two tasks of one worker meet here
+_closer_done = threading.Event()
+
+
+def hold_handle_across_neighbours_shutdown():
+    ex = meshpool.current_executor()
+    _holder_ready.set()
+    assert _closer_done.wait(LIVENESS)
+    return ex.submit(inc, 1).result(timeout=LIVENESS)
+
+
+def close_own_handle():
+    assert _holder_ready.wait(LIVENESS)
+    with meshpool.current_executor() as ex:
+        ex.submit(inc, 0).result(timeout=LIVENESS)
+    _closer_done.set()
+    return True
+
+
 def graphs_inside():
     """meshpool.get and delayed(...).compute() inside a task: where did the inner tasks run?"""
     got = meshpool.get({"a": (where,), "b": (inc, 41)}, ["a", "b"])
@@ -204,6 +223,17 @@ def test_current_executor_in_task_and_its_shutdown_leaves_the_cluster_alone():
 def test_handle_shutdown_waits_for_its_tasks_without_holding_the_slot():
     with meshpool.Executor(1, threads_per_worker=1) as ex:
         assert ex.submit(submit_then_close, 7).result(timeout=LIVENESS) == 8
+
+
+@pytest.mark.timeout(120)
+def test_shutdown_of_one_tasks_handle_leaves_its_neighbours_handles_working():
+    """Two tasks on one worker's two threads: the second closes its handle (a ``with`` block)
+    while the first still holds its own; the first's submit afterwards works."""
+    with meshpool.Executor(1, threads_per_worker=2) as ex:
+        holder = ex.submit(hold_handle_across_neighbours_shutdown)
+        closer = ex.submit(close_own_handle)
+        assert closer.result(timeout=LIVENESS) is True
+        assert holder.result(timeout=LIVENESS) == 2
 
 
 @pytest.mark.timeout(120)

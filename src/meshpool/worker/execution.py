@@ -242,7 +242,7 @@ class Replacements:
 class _Running:
     """A task running on the current thread (``_local.task``); tasks nest when a wait helps."""
 
-    __slots__ = ("key", "priority", "blocked", "submitted", "waited", "outer", "depth")
+    __slots__ = ("key", "priority", "blocked", "submitted", "waited", "outer", "depth", "handle")
 
     def __init__(self, key: Any, priority: Any, outer: _Running | None) -> None:
         self.key = key
@@ -252,6 +252,7 @@ class _Running:
         self.waited = 0.0  # seconds spent in block_on
         self.outer = outer
         self.depth: int = 0 if outer is None else outer.depth + 1  # tasks it runs nested in
+        self.handle: Any = None  # what current_executor() returns in this task (nested.py)
 
 
 class _SpareSockets:
@@ -300,6 +301,11 @@ def _owner_thread(slot: Slot, hello: bool) -> None:
         hello = False
         threading.current_thread().name = "meshpool-parked"
         next_slot = next_slot.replacements.park()
+
+
+def current_task() -> _Running | None:
+    """The task the calling thread runs (the innermost, when a wait runs tasks nested)."""
+    return getattr(_local, "task", None)
 
 
 def current_task_priority() -> Any:
