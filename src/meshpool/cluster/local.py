@@ -164,23 +164,24 @@ class LocalWorkers:
                     wp.process.send_signal(signal.SIGTERM)
                 except OSError:
                     pass
-            deadline = time.monotonic() + graceful
-            for wp in procs:
-                try:
-                    wp.process.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
+            _wait_all(procs, graceful, kill=False)
         for wp in procs:
             if wp.process.stdin is not None:
                 try:
                     wp.process.stdin.close()
                 except OSError:
                     pass
-        deadline = time.monotonic() + timeout
-        for wp in procs:
-            try:
-                wp.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        _wait_all(procs, timeout, kill=True)
+
+
+def _wait_all(procs: list[WorkerProcess], seconds: float, kill: bool) -> None:
+    """Wait up to ``seconds`` in all for the processes to exit; then kill the rest if asked."""
+    deadline = time.monotonic() + seconds
+    for wp in procs:
+        try:
+            wp.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            if kill:
                 wp.process.kill()
                 wp.process.wait()
 
