@@ -315,7 +315,14 @@ class SchedulerState:
         self._advance_retirements()
         return self._flush()
 
-    def remove_worker(self, worker_id: str, reason: str = "connection lost") -> Outgoing:
+    def remove_worker(
+        self, worker_id: str, reason: str = "connection lost", blame: bool = True
+    ) -> Outgoing:
+        """Forget a worker and reschedule its tasks.
+
+        ``blame=False`` (a host that vanished: heartbeat timeout) does not count
+        its executing tasks towards KilledWorker: silence is not the task's fault.
+        """
         ws = self.workers.pop(worker_id, None)
         if ws is None:
             return []
@@ -340,10 +347,11 @@ class SchedulerState:
             if ts.state != PROCESSING:
                 continue
             if ts in executing:
-                ts.suspicious += 1
-                if ts.suspicious >= self.killed_worker_limit:
-                    self._fail_killed(ts, ws)
-                    continue
+                if blame:
+                    ts.suspicious += 1
+                    if ts.suspicious >= self.killed_worker_limit:
+                        self._fail_killed(ts, ws)
+                        continue
                 if (ts.options or {}).get("at_most_once"):
                     self._fail_worker_lost(ts, ws)
                     continue
