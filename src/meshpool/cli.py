@@ -131,7 +131,7 @@ def _worker(args: argparse.Namespace) -> int:
     security = None
     if not args.insecure:
         security = sec.client_credentials(args.security, args.address)
-    from .worker.server import CREDENTIALS_REFUSED
+    from .worker.server import CREDENTIALS_REFUSED, RESTART_ME
 
     stop = threading.Event()
     restart_failed = threading.Event()
@@ -142,7 +142,10 @@ def _worker(args: argparse.Namespace) -> int:
             refused.set()
             restart_failed.set()
             stop.set()
-        elif not stop.is_set() and not workers.exited(worker_id):
+            return
+        if code == RESTART_ME:  # it had registered: removed after going silent, not a failed start
+            workers.registered(worker_id)
+        if not stop.is_set() and not workers.exited(worker_id):
             restart_failed.set()
             stop.set()
 

@@ -280,8 +280,12 @@ class ReplicateKeys:
 
 @_message
 class CloseWorker:
+    """Leave now. ``restart``: the scheduler removed this worker (it went silent, then came
+    back); its nanny starts a fresh one instead of counting a failure."""
+
     op: ClassVar[str] = "close"
     reason: str
+    restart: bool = False
 
 
 # --- worker -> scheduler ----------------------------------------------------------------------

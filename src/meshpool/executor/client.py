@@ -39,7 +39,13 @@ from .. import messages as m
 from ..transport import serialize
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
-from ..transport.sockets import connect_to_data, make_socket, private_directory, remove_directory
+from ..transport.sockets import (
+    connect_to_data,
+    enable_heartbeats,
+    make_socket,
+    private_directory,
+    remove_directory,
+)
 from .future import Future, Packed, Remote
 
 logger = logging.getLogger("meshpool.client")
@@ -154,6 +160,7 @@ class ClientCore:
     def _connect(self, address: str) -> None:
         """Connect to a remote scheduler and handshake within ``timeout`` seconds."""
         dealer = make_socket(zmq.DEALER, identity=self.client_id.encode())
+        enable_heartbeats(dealer)  # a vanished scheduler's connection is closed (sockets.py)
         if self.security is not None:
             self.security.client(dealer, address)
         monitor = dealer.get_monitor_socket(_HANDSHAKE_EVENTS)

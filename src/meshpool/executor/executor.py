@@ -28,7 +28,9 @@ from typing import Any
 from .. import errors
 from .. import messages as m
 from ..transport import serialize
+from ..transport.header import BATCH_DEPENDENCIES, MAX_HEADER_BYTES, dumps_header
 from ..transport.security import Security
+from ..transport.sockets import MAX_FRAME_BYTES
 from . import graphs as _graphs
 from .client import ClientCore
 from .future import Future
@@ -92,6 +94,7 @@ class Executor(cf.Executor):
         init_frames = None
         if initializer is not None:
             init_frames = serialize.dumps((initializer, tuple(initargs)), what="initializer")
+            _check_initializer_size(init_frames)
         self._core = ClientCore(
             address,
             nworkers=max_workers or os.cpu_count() or 1,
@@ -308,6 +311,8 @@ class Executor(cf.Executor):
                 (args, kwargs), ref_type=_REF_TYPES if deps else None, what=f"argument of {fn!r}:"
             )
         dep_keys = [d.key for d in deps]
+        if len(dep_keys) > BATCH_DEPENDENCIES:
+            _check_dependencies_size(fn, dep_keys)
         task_options = _task_options(options)
         if serialize.nbytes(frames) > LARGE_ARGUMENTS:
             args_key = ("args", key)
@@ -333,6 +338,7 @@ class Executor(cf.Executor):
         rows: list = []
         frames: list = []
         batch: list[Future] = []
+        dependencies = 0
         with self._shutdown_lock:
             self._check_open()
             for args in arg_tuples:
@@ -340,10 +346,11 @@ class Executor(cf.Executor):
                 rows.append(row)
                 frames.extend(task_frames)
                 batch.append(fut)
-                if len(rows) >= SUBMIT_BATCH:
+                dependencies += len(row[1])
+                if len(rows) >= SUBMIT_BATCH or dependencies >= BATCH_DEPENDENCIES:
                     self._core.command("submit", rows, frames, batch)
                     futures.extend(batch)
-                    rows, frames, batch = [], [], []
+                    rows, frames, batch, dependencies = [], [], [], 0
             if rows:
                 self._core.command("submit", rows, frames, batch)
                 futures.extend(batch)
@@ -656,6 +663,30 @@ def _security(value: Any, address: Any) -> Security | None:
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 1e12, "tb": 1e12})
+
+
+def _check_dependencies_size(fn: Callable, dep_keys: list) -> None:
+    """A task's dependency keys ride in a message header (capped: MAX_HEADER_BYTES)."""
+    nbytes = len(dumps_header(tuple(dep_keys)))
+    if nbytes > MAX_HEADER_BYTES // 2:
+        raise ValueError(
+            f"a call of {fn!r} depends on {len(dep_keys)} futures, whose keys alone take "
+            f"{nbytes / 2**20:.0f} MiB, over the {MAX_HEADER_BYTES // 2**20 // 2} MiB a task's "
+            "description may take: combine them in steps (e.g. a tree of partial sums)"
+        )
+
+
+def _check_initializer_size(frames: list) -> None:
+    """The initializer travels through the scheduler (to every worker, also later ones), whose
+    connections cap frames at MAX_FRAME_BYTES: refuse a bigger one here, clearly."""
+    biggest = max(serialize.nbytes([f]) for f in frames)
+    if biggest > MAX_FRAME_BYTES:
+        raise errors.SerializationError(
+            f"initializer and initargs pickle to a {biggest / 2**20:.0f} MiB piece, over the "
+            f"{MAX_FRAME_BYTES // 2**20} MiB that may travel through the scheduler: have the "
+            "initializer load large data itself (e.g. from a file), rather than pass it in "
+            "initargs"
+        )
 
 
 def _parse_size(value: int | str | None) -> int | None:

@@ -34,6 +34,7 @@ from ..graph import (
     toposort,
     validate_keys,
 )
+from ..transport.header import BATCH_DEPENDENCIES
 from .future import Future, wait_in_task
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def submit_graph(executor: Executor, dsk: Any, keys: Any, priority: int = 0) -> 
     rows: list = []
     frames: list = []
     new_futures: list[Future] = []
+    batch_deps = 0  # dependency keys in this batch (see BATCH_DEPENDENCIES)
     with executor._shutdown_lock:
         executor._check_open()
         for key in submission:
@@ -92,9 +94,10 @@ def submit_graph(executor: Executor, dsk: Any, keys: Any, priority: int = 0) -> 
                 internal.append(cluster_key)
             rows.append(row)
             frames.extend(task_frames)
-            if len(rows) >= GRAPH_BATCH:
+            batch_deps += len(row[1])
+            if len(rows) >= GRAPH_BATCH or batch_deps >= BATCH_DEPENDENCIES:
                 core.command("submit", rows, frames, new_futures)
-                rows, frames, new_futures = [], [], []
+                rows, frames, new_futures, batch_deps = [], [], [], 0
         if rows:
             core.command("submit", rows, frames, new_futures)
         if internal:

@@ -11,7 +11,15 @@ the task's result from a helper connection ``worker-id/n~k``, accepted once the 
 registered (such peers are never sent anything, so they are not tracked).
 Liveness: every :data:`PING_INTERVAL` the server pings each peer. Because the ROUTER socket is
 ``ROUTER_MANDATORY``, a ping to a peer whose connection has dropped fails at once
-(EHOSTUNREACH): that peer is gone. Silence alone only marks a worker unresponsive.
+(EHOSTUNREACH): that peer is gone. A connection drops when the peer's process dies (its kernel
+closes it), and also when the peer's host vanishes without closing anything (power loss,
+partition, a frozen process): ZMTP heartbeats (``transport/sockets.py``) close a connection that
+stays silent for the heartbeat timeout. A worker removed while it had been silent that long
+*vanished*: its running tasks are rescheduled without blame (KilledWorker counts crashes, and
+silence is not one). A removed worker that comes back (partition healed, SIGCONT) is told to
+leave (``CloseWorker(restart=True)``) and its nanny starts a fresh one. Silence alone, with the
+connection up, only marks a worker unresponsive (:data:`UNRESPONSIVE_AFTER`): a task may hold
+the GIL for minutes while libzmq keeps answering heartbeats.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import zmq
 from .. import messages as m
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
-from ..transport.sockets import bind, make_socket
+from ..transport.sockets import MAX_FRAME_BYTES, bind, control_socket, heartbeat_timeout
 from .state import SchedulerState
 
 logger = logging.getLogger("meshpool.scheduler")
@@ -37,6 +45,7 @@ logger = logging.getLogger("meshpool.scheduler")
 PING_INTERVAL = 0.5  # seconds between liveness pings to every peer
 UNRESPONSIVE_AFTER = 60.0  # a worker silent this long is reported unresponsive (not dead)
 MAX_BATCH = 2000  # messages handled per readiness event before others get a turn
+VANISHED_SILENCE = 0.9  # a dropped worker silent this share of the heartbeat timeout vanished
 
 
 class SchedulerServer:
@@ -49,7 +58,8 @@ class SchedulerServer:
         deliver_local: Callable[[Any], None] | None = None,
     ) -> None:
         self.state = SchedulerState()
-        self.router = make_socket(zmq.ROUTER)
+        self.router = control_socket(zmq.ROUTER)
+        self._vanished_after = VANISHED_SILENCE * heartbeat_timeout()
         if security is not None and address.startswith("tcp://"):
             security.server(self.router)
         self.address = bind(self.router, address)
@@ -85,12 +95,12 @@ class SchedulerServer:
         assert self.local_client is not None
         self._send_all(self.state.handle_client(self.local_client, msg))
 
-    def remove_worker(self, worker_id: str, reason: str) -> None:
+    def remove_worker(self, worker_id: str, reason: str, blame: bool = True) -> None:
         for peer in self._worker_peers.pop(worker_id, {worker_id}):
             self._kind.pop(peer, None)
             self._last_seen.pop(peer, None)
         self._early_slots.pop(worker_id, None)
-        self._send_all(self.state.remove_worker(worker_id, reason))
+        self._send_all(self.state.remove_worker(worker_id, reason, blame=blame))
         if self.on_worker_removed is not None:
             self.on_worker_removed(worker_id, reason)
 
@@ -147,8 +157,12 @@ class SchedulerServer:
                 self._send_all(self.state.remove_client(peer))
             else:
                 self._send_all(self.state.handle_client(peer, msg))
-        elif isinstance(msg, m.Heartbeat):
-            pass  # a worker we dropped, still beating: it will re-register or be refused
+        elif isinstance(msg, m.Heartbeat) and "/" not in peer:
+            # a worker we removed, back (partition healed, SIGCONT): its tasks ran elsewhere
+            # meanwhile; it leaves and its nanny starts a fresh one
+            logger.warning("worker %s was removed and is back; telling it to restart", peer)
+            reason = "the scheduler had removed this worker (it went silent); restarting fresh"
+            self._send(peer, m.CloseWorker(reason, restart=True))
         else:
             logger.warning("dropping %s from unregistered peer %r", type(msg).__name__, peer)
 
@@ -206,18 +220,33 @@ class SchedulerServer:
         try:
             self.router.send_multipart([peer.encode(), *frames], copy=False)
         except zmq.ZMQError as exc:
-            self._peer_gone(peer, f"unreachable ({exc.strerror})")
+            self._peer_gone(peer, exc.strerror)
             return False
         self.bytes_sent += sum(
             len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames
         )
         return True
 
-    def _peer_gone(self, peer: str, reason: str) -> None:
+    def _peer_gone(self, peer: str, error: str) -> None:
+        """``peer``'s connection dropped: its process died or closed it, its heartbeats timed
+        out (a vanished host), or it sent a frame over the cap (libzmq drops those)."""
         kind = self._kind.get(peer)
         if kind == "worker":
-            self.remove_worker(peer.partition("/")[0], reason)
+            worker_id = peer.partition("/")[0]
+            silent = time.monotonic() - self._last_seen.get(worker_id, time.monotonic())
+            if silent >= self._vanished_after:
+                reason = f"silent for {silent:.1f} s, connection timed out (host vanished?)"
+                self.remove_worker(worker_id, reason, blame=False)
+            else:
+                self.remove_worker(worker_id, f"connection lost ({error})")
         elif kind == "client":
+            logger.warning(
+                "client %s gone: connection lost (%s; closed, timed out, or it sent a frame "
+                "over %d MiB)",
+                peer,
+                error,
+                MAX_FRAME_BYTES // 2**20,
+            )
             self._kind.pop(peer, None)
             self._last_seen.pop(peer, None)
             self._send_all(self.state.remove_client(peer))

@@ -14,6 +14,9 @@ import pickle
 from typing import Any
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a submit of ~100k tasks' metadata fits; a bomb does not
+# dependency keys per submit message: clients flush a batch past this, so a header stays a few
+# MB even with long keys (~100 bytes each at worst, as pickle shares repeated strings)
+BATCH_DEPENDENCIES = 50_000
 
 
 class MalformedMessage(ValueError):

@@ -13,6 +13,9 @@ Theory of operation:
   receiving worker resolves them from its data store (``loads(..., resolve=store.__getitem__)``).
 * Exceptions travel with their traceback via tblib; one that cannot be pickled or unpickled becomes
   a :class:`meshpool.RemoteError` with type name, message and traceback text.
+* Functions and exceptions travel through the scheduler, whose connections cap frames at
+  ``sockets.MAX_FRAME_BYTES``: a function that pickles bigger is refused with a clear error (it
+  captures data, which should be an argument), and an exception that big is sent as its text.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from typing import Any
 import cloudpickle
 
 from ..errors import RemoteError, SerializationError
+from .sockets import MAX_FRAME_BYTES
 
 OOB_THRESHOLD = 64 * 1024  # buffers at least this big go out of band (zmq copies smaller anyway)
+MAX_ERROR_TEXT = 2**20  # characters of an exception's message or traceback text sent at most
 _FN_CACHE_SIZE = 1024
 
 Frames = list  # list[bytes | memoryview | zmq.Frame]
@@ -166,6 +171,13 @@ class FunctionCache:
 
     @staticmethod
     def _pickle(fn: Callable) -> bytes:
+        data = FunctionCache._pickle_any(fn)
+        if len(data) > MAX_FRAME_BYTES:
+            raise SerializationError(_function_too_big(fn, len(data)))
+        return data
+
+    @staticmethod
+    def _pickle_any(fn: Callable) -> bytes:
         try:
             data = pickle.dumps(fn, protocol=5)
             if b"__main__" not in data:
@@ -178,6 +190,16 @@ class FunctionCache:
             raise SerializationError(
                 f"cannot pickle function {_describe(fn)}: {type(exc).__name__}: {exc}"
             ) from exc
+
+
+def _function_too_big(fn: Callable, nbytes: int) -> str:
+    return (
+        f"function {_describe(fn)} pickles to {nbytes / 2**20:.0f} MiB, over the "
+        f"{MAX_FRAME_BYTES // 2**20} MiB a function may take (functions travel through the "
+        "scheduler): it carries data by value, e.g. a closure variable, a global of __main__, "
+        "a bound method's instance or a partial's arguments. Pass that data as an argument "
+        "instead (large arguments go straight to a worker), or scatter() it and pass the future"
+    )
 
 
 class LoadedFunctions:
@@ -212,11 +234,14 @@ def dumps_exception(exc: BaseException) -> Frames:
             tb_dict = Traceback(exc.__traceback__).to_dict()
         except Exception:
             tb_dict = None
+    tb_text = _clip(tb_text)
     remote = _remote_error(exc, tb_text)
     try:
         out = io.BytesIO()
         _ExceptionPickler(out, protocol=5).dump(exc)
         payload = out.getvalue()
+        if len(payload) > MAX_FRAME_BYTES:  # it holds data: send its text (see the top)
+            raise ValueError("too big")
         pickle.loads(payload)  # an exception that cannot be rebuilt must not travel as itself
     except Exception:
         payload = pickle.dumps(remote, protocol=5)
@@ -238,9 +263,17 @@ class _ExceptionPickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
+def _clip(text: str, limit: int = MAX_ERROR_TEXT) -> str:
+    if len(text) <= limit:
+        return text
+    return (
+        f"{text[: limit // 2]}\n... ({len(text) - limit} characters cut) ...\n{text[-limit // 2 :]}"
+    )
+
+
 def _remote_error(exc: BaseException, tb_text: str) -> RemoteError:
     try:
-        message = str(exc)
+        message = _clip(str(exc))
     except Exception:
         message = "<unprintable message>"
     return RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}", message, tb_text)

@@ -70,7 +70,7 @@ from .. import messages as m
 from ..transport import serialize
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
-from ..transport.sockets import connect_to_data, make_socket
+from ..transport.sockets import connect_to_data, control_socket
 from .store import DataStore
 
 logger = logging.getLogger("meshpool.worker")
@@ -276,7 +276,7 @@ class _SpareSockets:
             sock = self._idle.pop() if self._idle else None
             number = next(self._numbers) if sock is None else 0
         if sock is None:
-            sock = make_socket(zmq.DEALER, identity=f"{self._identity}~{number}".encode())
+            sock = control_socket(zmq.DEALER, identity=f"{self._identity}~{number}".encode())
             if self._security is not None:
                 self._security.client(sock, self._address)
             sock.connect(self._address)
@@ -370,7 +370,7 @@ class Slot:
         self.queue: collections.deque = collections.deque()
         self.current: Any = None  # the key the owner runs (heartbeats count these)
         self.running = True
-        self.sock = make_socket(zmq.DEALER, identity=f"{worker_id}/{index}".encode())
+        self.sock = control_socket(zmq.DEALER, identity=f"{worker_id}/{index}".encode())
         if security is not None:
             security.client(self.sock, scheduler_address)
         self.sock.connect(scheduler_address)

@@ -11,6 +11,12 @@ The loop thread never runs user code and never unpickles user data; it serves st
 registers data that clients send straight here, frees keys, and beats. Heartbeats and every other
 message ride the control connection; the scheduler's pings coming back are its proof of life.
 
+The control and slot connections carry ZMTP heartbeats and a frame cap (``transport/sockets.py``).
+A scheduler that vanished (host gone, partition) has its connections closed by the heartbeat
+timeout; they keep reconnecting, and after :data:`SCHEDULER_SILENCE` the worker exits. A worker
+the scheduler removed meanwhile is told to leave when it is heard again, and exits with
+:data:`RESTART_ME`: its nanny starts a fresh one.
+
 A task waiting for other tasks gives its slot to a replacement thread; ``max_replacements`` caps
 those per worker, past which a waiting task runs its slot's queue itself (execution.py).
 """
@@ -28,7 +34,7 @@ from .. import messages as m
 from ..transport import serialize
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
-from ..transport.sockets import bind, connect_to_data, make_socket
+from ..transport.sockets import bind, connect_to_data, control_socket, make_socket
 from .execution import MAX_REPLACEMENTS, Initializers, Recalls, Replacements, Slot, _buffer
 from .store import DataStore
 
@@ -38,6 +44,7 @@ HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on the control connection
 MEMORY_CHECK_INTERVAL = 0.1  # seconds between RSS checks when a memory limit is set
 MEMORY_EXCEEDED = 4  # exit code: over the memory limit (the nanny restarts the worker)
 CREDENTIALS_REFUSED = 3  # exit code: the nanny does not restart a worker the scheduler refused
+RESTART_ME = 5  # exit code: the scheduler removed us (we went silent); the nanny starts a fresh one
 REPLICA_TIMEOUT = 60.0  # a retiring peer that has not sent its data by then is given up on
 SCHEDULER_SILENCE = 30.0  # no word from the scheduler this long: it is gone, and so do we
 POLL_MS = 250
@@ -81,7 +88,7 @@ class Worker:
         self._replica_started: dict[str, float] = {}
         self._replica_request = 0
 
-        self.ctrl = make_socket(zmq.DEALER, identity=worker_id.encode())
+        self.ctrl = control_socket(zmq.DEALER, identity=worker_id.encode())
         if security is not None:
             security.client(self.ctrl, scheduler_address)
         # a refused security handshake is reported by the socket monitor: exit at once with a
@@ -319,6 +326,8 @@ class Worker:
         elif isinstance(msg, m.CloseWorker):
             logger.info("worker %s closing: %s", self.name, msg.reason)
             self.exit_reason = msg.reason
+            if msg.restart:
+                self.exit_code = RESTART_ME
             self.running = False
         elif not isinstance(msg, m.Reply):
             logger.warning("dropping unexpected %s on the control socket", type(msg).__name__)

@@ -1,0 +1,203 @@
+"""Liveness: ZMTP heartbeats catch workers that vanish without closing their connections.
+
+A cluster of real processes started through the CLI (``meshpool scheduler`` and two ``meshpool
+worker`` nannies on 127.0.0.1, CURVE on), with a short heartbeat timeout
+(``MESHPOOL_HEARTBEAT_TIMEOUT``, inherited by every process):
+
+* a worker frozen with SIGSTOP while it runs a task keeps its TCP connections open, so only the
+  heartbeats can tell: the scheduler removes it (without blaming its task), every future gets its
+  result from the other worker; after SIGCONT the frozen worker is told to leave and its nanny
+  starts a fresh one, which takes work;
+* a task holding the GIL for several heartbeat timeouts (one long C call; a Python thread's ticks
+  prove the GIL was held) is not taken for a dead worker: libzmq answers heartbeats from its own
+  I/O thread.
+
+The network-partition version (a host's link taken down) is in test_multihost.py. Timing bounds
+are liveness only; the measured removal times are printed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import netns
+import pytest
+from helpers import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+HEARTBEAT_TIMEOUT = 2.0  # seconds (MESHPOOL_HEARTBEAT_TIMEOUT of every process here)
+START_TIMEOUT = 60.0  # processes announcing themselves, workers joining (liveness only)
+GONE_TIMEOUT = 30.0  # a frozen worker being removed (liveness only: ~HEARTBEAT_TIMEOUT expected)
+
+
+# --- worker-side tasks (workers import this module: their PYTHONPATH has tests/) -------------
+
+
+def square_marked(x: int, directory: str, delay: float) -> tuple[int, int]:
+    """x squared and our pid, after ``delay`` s; ``directory/<x>.<pid>`` marks the start."""
+    Path(directory, f"{x}.{os.getpid()}").touch()
+    time.sleep(delay)
+    return x * x, os.getpid()
+
+
+def hold_gil(seconds: float) -> dict:
+    """One C call (``sum(range(n))``) that holds the GIL about ``seconds``, while a Python
+    thread counts ticks: ticks that stop during the call prove the GIL was held throughout."""
+    n = 1_000_000
+    while True:  # calibrate on this machine
+        start = time.perf_counter()
+        sum(range(n))
+        took = time.perf_counter() - start
+        if took > 0.2:
+            break
+        n *= 2
+    n = int(n * seconds / took)
+    ticks = [0]
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.005)
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    time.sleep(0.1)
+    before = ticks[0]
+    start = time.perf_counter()
+    sum(range(n))
+    held = time.perf_counter() - start
+    during = ticks[0] - before
+    time.sleep(0.1)
+    after = ticks[0] - before - during
+    stop.set()
+    ticker.join()
+    return {"held": held, "ticks_during": during, "ticks_after": after, "pid": os.getpid()}
+
+
+# --- the cluster ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_cluster(tmp_path, monkeypatch):
+    """A secured scheduler and two worker nannies (wa, wb: one worker process each), all with a
+    short heartbeat timeout; yields (address, credentials directory, processes)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = netns.process_env(str(home), MESHPOOL_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT))
+    procs = netns.Processes(tmp_path, env)
+    keys = tmp_path / "keys"
+    subprocess.run(
+        netns.meshpool_command("keygen", str(keys)), env=env, check=True, capture_output=True
+    )
+    monkeypatch.setenv("MESHPOOL_HOME", str(home))
+    monkeypatch.setenv("MESHPOOL_HEARTBEAT_TIMEOUT", str(HEARTBEAT_TIMEOUT))  # our client too
+    monkeypatch.delenv("MESHPOOL_SECURITY", raising=False)
+    try:
+        scheduler = procs.start(
+            "scheduler",
+            netns.meshpool_command(
+                "scheduler", "--host", "127.0.0.1", "--port", "0", "--security", str(keys)
+            ),
+        )
+        found = procs.wait_for_output(scheduler, r"meshpool scheduler at (tcp://\S+)", 60)
+        address = found.group(1)
+        for name in ("wa", "wb"):
+            nanny = procs.start(
+                name,
+                netns.meshpool_command("worker", address, "--security", str(keys), "--name", name),
+            )
+            procs.wait_for_output(nanny, r"meshpool worker: \d+ process", START_TIMEOUT)
+        yield address, keys, procs
+    finally:
+        procs.stop()
+
+
+def _log(procs: netns.Processes, name: str) -> str:
+    return (procs.logs / f"{name}.log").read_text(errors="replace")
+
+
+def _by_name(ex) -> dict[str, dict]:
+    return {w["name"]: w for w in ex.workers()}
+
+
+def test_frozen_worker_is_removed_and_restarted_on_thaw(cli_cluster, tmp_path):
+    import meshpool
+
+    address, keys, procs = cli_cluster
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with meshpool.Executor(address, security=str(keys), timeout=START_TIMEOUT) as ex:
+        ex.wait_for_workers(2, timeout=START_TIMEOUT)
+        victim = _by_name(ex)["wa-0"]
+        futures = [ex.submit(square_marked, i, str(marks), 0.3) for i in range(16)]
+
+        def victim_running() -> list[int]:
+            started = [int(p.name.split(".")[0]) for p in marks.glob(f"*.{victim['pid']}")]
+            return [i for i in started if not futures[i].done()]
+
+        wait_until(lambda: victim_running(), START_TIMEOUT, "a task running on the victim")
+        os.kill(victim["pid"], signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        running = victim_running()
+        try:
+            wait_until(lambda: "wa-0" not in _by_name(ex), GONE_TIMEOUT, "the victim's removal")
+            removed_after = time.monotonic() - frozen_at
+            print(f"frozen worker removed {removed_after:.2f} s after SIGSTOP", file=sys.stderr)
+            results = [f.result(timeout=GONE_TIMEOUT) for f in futures]
+            assert [r[0] for r in results] == [i * i for i in range(16)]
+            survivor = _by_name(ex)["wb-0"]["pid"]
+            for i in running:  # interrupted by the freeze: ran again on the other worker
+                assert results[i][1] == survivor, (i, results[i], survivor)
+            log = _log(procs, "scheduler")
+            assert "connection timed out (host vanished?)" in log, log
+        finally:
+            os.kill(victim["pid"], signal.SIGCONT)
+
+        # thawed: it comes back, is told to leave, and its nanny starts a fresh worker
+        wait_until(
+            lambda: "wa-0" in _by_name(ex) and _by_name(ex)["wa-0"]["pid"] != victim["pid"],
+            START_TIMEOUT,
+            "a fresh worker from the victim's nanny",
+        )
+        wait_until(lambda: _exited(victim["pid"]), START_TIMEOUT, "the thawed worker's exit")
+        assert "was removed and is back" in _log(procs, "scheduler")
+        fresh = _by_name(ex)["wa-0"]["pid"]
+        later = ex.options(workers=["wa-0"]).submit(square_marked, 7, str(marks), 0).result(60)
+        assert later == (49, fresh)
+        again = ex.map(square_marked, range(8), [str(marks)] * 8, [0] * 8)
+        assert [r[0] for r in again] == [i * i for i in range(8)]
+        assert procs.started[1][0].poll() is None  # the victim's nanny carries on
+
+
+def _exited(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_task_holding_the_gil_is_not_taken_for_a_dead_worker(cli_cluster):
+    import meshpool
+
+    address, keys, procs = cli_cluster
+    with meshpool.Executor(address, security=str(keys), timeout=START_TIMEOUT) as ex:
+        ex.wait_for_workers(2, timeout=START_TIMEOUT)
+        before = {w["id"] for w in ex.workers()}
+        report = ex.submit(hold_gil, 3 * HEARTBEAT_TIMEOUT).result(timeout=120)
+        print(f"GIL held {report['held']:.1f} s in one call: {report}", file=sys.stderr)
+        assert report["held"] > 1.5 * HEARTBEAT_TIMEOUT, report
+        # the GIL really was held: the ticker (every 5 ms) stalled, then ran again
+        assert report["ticks_during"] <= 2 and report["ticks_after"] >= 2, report
+        assert {w["id"] for w in ex.workers()} == before
+        assert report["pid"] in {w["pid"] for w in ex.workers()}
+        assert "removed" not in _log(procs, "scheduler")
+        assert ex.submit(pow, 3, 4).result(timeout=60) == 81
