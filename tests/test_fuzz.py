@@ -7,6 +7,7 @@ fields, and valid messages in the wrong order; then a task must still complete.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import random
 import subprocess
@@ -15,6 +16,7 @@ import time
 
 import pytest
 import zmq
+from helpers import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tasks import inc
@@ -22,6 +24,7 @@ from tasks import inc
 import meshpool
 from meshpool import messages as m
 from meshpool.transport.header import dumps_header
+from meshpool.transport.sockets import MAX_FRAME_BYTES
 
 OPS = [cls.op for cls in m._REGISTRY.values()]
 
@@ -167,3 +170,63 @@ def test_unauthenticated_peer_cannot_reach_an_unpickler(tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     assert "malformed" not in out and "dropping" not in out, out
+
+
+# --- frame sizes: the scheduler's connections cap frames (transport/sockets.py) -----------------
+
+
+def test_oversized_frame_drops_only_that_connection(fuzz_cluster, caplog):
+    """A client that said hello, then sends a frame over the cap: libzmq drops its connection
+    (seen by the sender's monitor), the scheduler logs the client gone and serves the rest."""
+    ex = fuzz_cluster
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"fuzz-big-frame")
+    sock.setsockopt(zmq.RECONNECT_IVL, -1)  # stay dropped (a DEALER would reconnect at once)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    sock.connect(ex.address)
+    try:
+        sock.send_multipart(m.encode(m.HelloClient("fuzz-big-frame", m.versions())))
+        assert sock.poll(30_000), "no hello reply"
+        sock.recv_multipart()
+        with caplog.at_level("WARNING", logger="meshpool.scheduler"):
+            header = dumps_header(("submit", [], []))
+            sock.send_multipart([header, b"x" * (MAX_FRAME_BYTES + 1)])
+            assert monitor.poll(30_000), "the scheduler kept the connection"
+            wait_until(
+                lambda: "client fuzz-big-frame gone" in caplog.text, 30, "the scheduler's log"
+            )
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close()
+    assert ex.submit(inc, 1).result(timeout=30) == 2
+    assert sorted(w["pid"] for w in ex.workers()) == ex.original_pids
+
+
+def test_function_too_big_for_the_scheduler_is_refused_at_submit(fuzz_cluster):
+    ex = fuzz_cluster
+    payload = b"x" * (MAX_FRAME_BYTES + 2**24)
+
+    def closure():
+        return len(payload)
+
+    with pytest.raises(meshpool.SerializationError, match="Pass that data as an argument"):
+        ex.submit(closure)
+    with pytest.raises(meshpool.SerializationError, match="MiB"):
+        ex.submit(functools.partial(len, payload))
+    assert ex.submit(len, payload).result(timeout=60) == len(payload)  # the remedy
+    with pytest.raises(meshpool.SerializationError, match="initializer load large data"):
+        meshpool.Executor(1, initializer=len, initargs=(bytearray(payload),))
+
+
+def raise_holding(nbytes: int) -> None:
+    raise ValueError(b"x" * nbytes)
+
+
+def test_exception_too_big_for_the_scheduler_arrives_as_text(fuzz_cluster):
+    ex = fuzz_cluster
+    error = ex.submit(raise_holding, MAX_FRAME_BYTES + 1).exception(timeout=60)
+    assert isinstance(error, meshpool.RemoteError), error
+    assert error.type_name == "builtins.ValueError" and "characters cut" in str(error)
+    assert ex.submit(inc, 1).result(timeout=30) == 2
