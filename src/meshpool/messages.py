@@ -23,6 +23,7 @@ from .transport.header import MalformedMessage, dumps_header, loads_header
 Key = Any  # str, or a tuple of builtins (dask-style keys)
 
 _REGISTRY: dict[str, Any] = {}
+BATCH = "batch"  # the operation name of several messages sent as one (encode_batch)
 
 
 def _register(cls: Any) -> Any:
@@ -42,31 +43,77 @@ else:
 
 
 def encode(msg: Any) -> list:
-    cls: Any = type(msg)
-    getter = cls._getter
-    if getter is None:
-        header: tuple = (cls.op,)
-    elif len(cls._header_fields) == 1:
-        header = (cls.op, getter(msg))
-    else:
-        header = (cls.op, *getter(msg))
-    if cls._has_frames:
-        return [dumps_header(header), *msg.frames]
-    return [dumps_header(header)]
+    if type(msg)._has_frames:
+        return [dumps_header(_header(msg)), *msg.frames]
+    return [dumps_header(_header(msg))]
 
 
 def decode(frames: list) -> Any:
     header = loads_header(frames[0])
+    return _build(header, frames[1:])
+
+
+def _build(header: tuple, payload: list) -> Any:
     cls = _REGISTRY.get(header[0])
     if cls is None:
         raise MalformedMessage(f"unknown operation {header[0]!r}")
     if len(header) - 1 != len(cls._header_fields):
         raise MalformedMessage(f"{header[0]}: expected {len(cls._header_fields)} fields")
     if cls._has_frames:
-        return cls(*header[1:], frames=frames[1:])
-    if len(frames) != 1:
+        return cls(*header[1:], frames=payload)
+    if payload:
         raise MalformedMessage(f"{header[0]}: unexpected payload frames")
     return cls(*header[1:])
+
+
+def _header(msg: Any) -> tuple:
+    cls: Any = type(msg)
+    getter = cls._getter
+    if getter is None:
+        return (cls.op,)
+    if len(cls._header_fields) == 1:
+        return (cls.op, getter(msg))
+    return (cls.op, *getter(msg))
+
+
+def encode_batch(msgs: list) -> list:
+    """Several messages for one peer as one zmq message (one send, one wake-up)::
+
+    [dumps_header(("batch", [header, ...], [payload frame count, ...])), *payload frames]
+    """
+    headers = []
+    counts = []
+    frames: list = []
+    for msg in msgs:
+        headers.append(_header(msg))
+        if type(msg)._has_frames:
+            counts.append(len(msg.frames))
+            frames.extend(msg.frames)
+        else:
+            counts.append(0)
+    return [dumps_header((BATCH, headers, counts)), *frames]
+
+
+def decode_all(frames: list) -> list:
+    """The messages in ``frames``: one, or those of a batch (see :func:`encode_batch`)."""
+    header = loads_header(frames[0])
+    if header[0] != BATCH:
+        return [_build(header, frames[1:])]
+    if len(header) != 3 or type(header[1]) is not list or type(header[2]) is not list:
+        raise MalformedMessage("batch: expected a list of headers and a list of frame counts")
+    headers, counts = header[1], header[2]
+    if len(headers) != len(counts) or any(type(c) is not int or c < 0 for c in counts):
+        raise MalformedMessage("batch: frame counts do not match the headers")
+    if sum(counts) != len(frames) - 1:
+        raise MalformedMessage("batch: frame counts do not add up to the frames sent")
+    msgs = []
+    offset = 1
+    for sub, count in zip(headers, counts, strict=True):
+        if type(sub) is not tuple or not sub or type(sub[0]) is not str or sub[0] == BATCH:
+            raise MalformedMessage("batch: a part is not a message header")
+        msgs.append(_build(sub, frames[offset : offset + count]))
+        offset += count
+    return msgs
 
 
 # --- client -> scheduler ----------------------------------------------------------------------
@@ -261,10 +308,12 @@ class RunInitializer:
 
 @_message
 class StoreData:
-    """Data to hold (scattered by a client). Rows: (key, frame count)."""
+    """Data to hold (scattered by a client). Rows: (key, frame count). ``shm`` rows
+    (frame index, name, size): frames sent as shared-memory files (``transport/shm.py``)."""
 
     op: ClassVar[str] = "store"
     items: list
+    shm: list
     frames: list = field(default_factory=list)
 
 
@@ -302,6 +351,7 @@ class RegisterWorker:
     resources: dict
     versions: dict
     pid: int
+    host: str = ""  # shared-memory host key (transport/shm.py): "" for none
 
 
 @_message
@@ -394,18 +444,24 @@ class Heartbeat:
 
 @_message
 class GetData:
+    """``host``: the requester's shared-memory host key; big frames of the answer come as
+    shared-memory files if it is the server's too (``transport/shm.py``)."""
+
     op: ClassVar[str] = "get-data"
     request_id: int
     keys: list
+    host: str = ""
 
 
 @_message
 class Data:
-    """Values for a GetData. Rows: (key, frame count), frame count -1 for a key not held."""
+    """Values for a GetData. Rows: (key, frame count), frame count -1 for a key not held.
+    ``shm`` rows (frame index, name, size): frames sent as shared-memory files."""
 
     op: ClassVar[str] = "data"
     request_id: int
     items: list
+    shm: list
     frames: list = field(default_factory=list)
 
 

@@ -36,7 +36,8 @@ import zmq
 
 from .. import errors
 from .. import messages as m
-from ..transport import serialize
+from ..transport import serialize, shm
+from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
 from ..transport.sockets import (
@@ -102,6 +103,8 @@ class ClientCore:
         # key -> dependency keys while the key is held (written by callers at submit, pruned
         # here on release): what visualize() draws for futures
         self.lineage: dict[Any, list] = {}
+        self._holding = False  # remote: messages wait in _held until _release (batched)
+        self._held: list = []
         self.remote_done: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.requests: dict[int, PlainFuture] = {}
         self.fetches: dict[int, _Fetch] = {}
@@ -118,6 +121,8 @@ class ClientCore:
             "finished": 0,
             "client_bytes_sent": 0,
             "client_bytes_received": 0,
+            "shm_bytes_sent": 0,
+            "shm_bytes_received": 0,
         }
         self.directory: str | None = None
         self.server: Any = None
@@ -293,7 +298,11 @@ class ClientCore:
                     # again with its byte read here, and the next wake() would write nothing
                     # (a command stuck until the poll timeout)
                     self._wake_pending = False
-                self._drain_commands()
+                self._hold()  # what the commands send goes out batched
+                try:
+                    self._drain_commands()
+                finally:
+                    self._release()
                 if self.server is not None and self.server.router in events:
                     self.server.handle_router()
                 if self.dealer is not None and self.dealer in events:
@@ -330,15 +339,38 @@ class ClientCore:
             except Exception:
                 logger.exception("error handling command %s", item[0])
 
+    def _hold(self) -> None:
+        """Keep messages for the scheduler (and, embedded, its messages to workers) until
+        :meth:`_release`, which sends them batched: one send per peer."""
+        if self.server is not None:
+            self.server.hold()
+        else:
+            self._holding = True
+
+    def _release(self) -> None:
+        if self.server is not None:
+            self.server.release()
+            return
+        self._holding = False
+        held, self._held = self._held, []
+        if len(held) == 1:
+            self._send_frames(m.encode(held[0]))
+        elif held:
+            self._send_frames(m.encode_batch(held))
+
     def _send(self, msg: Any) -> None:
         if self.server is not None:
             self.server.handle_local(msg)
-        elif self.dealer is not None:
-            frames = m.encode(msg)
-            self.stats["client_bytes_sent"] += sum(
-                f.nbytes if isinstance(f, memoryview) else len(f) for f in frames
-            )
-            self.dealer.send_multipart(frames, copy=False)
+        elif self._holding:
+            self._held.append(msg)
+        else:
+            self._send_frames(m.encode(msg))
+
+    def _send_frames(self, frames: list) -> None:
+        if self.dealer is None:
+            return
+        self.stats["client_bytes_sent"] += serialize.nbytes(frames)
+        send_frames(self.dealer, frames)
 
     # --- commands ----------------------------------------------------------------------------
 
@@ -376,11 +408,15 @@ class ClientCore:
     def _cmd_initializer(self, frames: list) -> None:
         self._send(m.SetInitializer(frames))
 
-    def _cmd_store(self, address: str, items: list, frames: list, scatter_rows: list) -> None:
-        """Send data straight to a worker's data socket, then tell the scheduler."""
+    def _cmd_store(
+        self, address: str, items: list, frames: list, spec: list, scatter_rows: list
+    ) -> None:
+        """Send data straight to a worker's data socket, then tell the scheduler. ``spec``:
+        frames the caller already put in shared memory (``shm.pack_frames``)."""
         sock = self._data_sock(address)
-        out = m.encode(m.StoreData(items, frames))
+        out = m.encode(m.StoreData(items, spec, frames))
         self.stats["client_bytes_sent"] += serialize.nbytes(out)
+        self.stats["shm_bytes_sent"] += shm.total(spec)
         sock.send_multipart(out, copy=False)
         self._send(m.Scatter(scatter_rows))
 
@@ -428,17 +464,18 @@ class ClientCore:
         assert self.dealer is not None
         for _ in range(2000):
             try:
-                frames = self.dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self.dealer, NOBLOCK)
             except zmq.Again:
                 return
             self._last_from_scheduler = time.monotonic()
             self.stats["client_bytes_received"] += sum(len(f) for f in frames)
             try:
-                msg = m.decode([frames[0].bytes, *[_bytes_or_buffer(f) for f in frames[1:]]])
+                msgs = m.decode_all(frames)
             except MalformedMessage as exc:
                 logger.warning("dropping malformed message from the scheduler: %s", exc)
                 continue
-            self._on_message(msg)
+            for msg in msgs:
+                self._on_message(msg)
 
     def _on_message(self, msg: Any) -> None:
         handler = self._handlers.get(type(msg))
@@ -518,7 +555,9 @@ class ClientCore:
             data_id = next(self._ids)
             self.data_requests[data_id] = (msg.request_id, address, time.monotonic())
             fetch.requests.add(data_id)
-            self._data_sock(address).send_multipart(m.encode(m.GetData(data_id, keys)))
+            self._data_sock(address).send_multipart(
+                m.encode(m.GetData(data_id, keys, shm.host_key()))
+            )
 
     _handlers: dict[type, Any] = {
         m.TaskDone: _on_done,
@@ -565,7 +604,10 @@ class ClientCore:
             self.stats["client_bytes_received"] += sum(len(f) for f in frames)
             try:
                 msg = m.decode([frames[0].bytes, *[_bytes_or_buffer(f) for f in frames[1:]]])
-            except MalformedMessage as exc:
+                if isinstance(msg, m.Data) and msg.shm:  # (a late answer too: files taken in)
+                    msg.frames = shm.unpack_frames(msg.frames, msg.shm)
+                    self.stats["shm_bytes_received"] += shm.total(msg.shm)
+            except (MalformedMessage, ValueError, TypeError, OSError) as exc:
                 logger.warning("dropping malformed data reply: %s", exc)
                 continue
             if not isinstance(msg, m.Data):
@@ -706,6 +748,7 @@ class ClientCore:
             self.cluster.close()
         if self.server is not None:
             self.server.close()
+        shm.remove_own(self.prefix)  # data sent to workers that never took it in
         if self.directory is not None:
             remove_directory(self.directory)
         self._fds_closed = True

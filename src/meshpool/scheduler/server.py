@@ -35,6 +35,7 @@ from typing import Any
 import zmq
 
 from .. import messages as m
+from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
 from ..transport.sockets import MAX_FRAME_BYTES, bind, control_socket, heartbeat_timeout
@@ -71,6 +72,9 @@ class SchedulerServer:
         self._unresponsive: set[str] = set()
         self._worker_peers: dict[str, set[str]] = {}  # worker id -> its control + slot peers
         self._early_slots: dict[str, list] = {}  # slot hellos that beat their worker's register
+        self._holding = 0  # > 0 inside hold()/release(): messages to peers wait in _held
+        self._held: dict[str, list] = {}
+        self._hosts: dict[str, str] = {}  # worker id -> shared-memory host key (transport/shm.py)
         self.bytes_received = 0
         self.bytes_sent = 0
         self.on_worker_removed: Callable[[str, str], None] | None = None
@@ -93,13 +97,14 @@ class SchedulerServer:
 
     def handle_local(self, msg: Any) -> None:
         assert self.local_client is not None
-        self._send_all(self.state.handle_client(self.local_client, msg))
+        self._handle_client(self.local_client, msg)
 
     def remove_worker(self, worker_id: str, reason: str, blame: bool = True) -> None:
         for peer in self._worker_peers.pop(worker_id, {worker_id}):
             self._kind.pop(peer, None)
             self._last_seen.pop(peer, None)
         self._early_slots.pop(worker_id, None)
+        self._hosts.pop(worker_id, None)
         self._send_all(self.state.remove_worker(worker_id, reason, blame=blame))
         if self.on_worker_removed is not None:
             self.on_worker_removed(worker_id, reason)
@@ -107,10 +112,28 @@ class SchedulerServer:
     # --- socket ------------------------------------------------------------------------------
 
     def handle_router(self) -> None:
-        now = time.monotonic()
+        """Handle what has arrived (up to :data:`MAX_BATCH` messages), holding back what the
+        state machine sends meanwhile and sending it at the end, one message per peer: busy,
+        a slot gets its next tasks in one send; idle, a lone message goes out at once."""
+        self.hold()
+        try:
+            self._receive_batch(time.monotonic())
+        finally:
+            self.release()
+
+    def hold(self) -> None:
+        """Keep what is sent to peers until the matching :meth:`release` (calls nest)."""
+        self._holding += 1
+
+    def release(self) -> None:
+        self._holding -= 1
+        if not self._holding:
+            self._flush_held()
+
+    def _receive_batch(self, now: float) -> None:
         for _ in range(MAX_BATCH):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(self.router, NOBLOCK)
             except zmq.Again:
                 return
             if len(frames) < 2:
@@ -119,17 +142,26 @@ class SchedulerServer:
             identity = frames[0]
             try:
                 peer = identity.decode()
-                msg = m.decode(frames[1:])
+                msgs = m.decode_all(frames[1:])
             except (MalformedMessage, UnicodeDecodeError) as exc:
                 logger.warning("dropping malformed message: %s", exc)
                 continue
             # any traffic is a sign of life; a slot's ("worker-id/n") counts for its worker, as
             # slots only speak when they finish tasks (they would look "unresponsive" otherwise)
             self._last_seen[peer.partition("/")[0]] = now
-            try:
-                self._dispatch(peer, msg)
-            except Exception:
-                logger.exception("error handling %s from %s; dropped", type(msg).__name__, peer)
+            for msg in msgs:
+                try:
+                    self._dispatch(peer, msg)
+                except Exception:
+                    logger.exception("error handling %s from %s; dropped", type(msg).__name__, peer)
+
+    def _flush_held(self) -> None:
+        while self._held:
+            held, self._held = self._held, {}
+            for peer, msgs in held.items():
+                self._send_encoded(
+                    peer, m.encode(msgs[0]) if len(msgs) == 1 else m.encode_batch(msgs)
+                )
 
     def _dispatch(self, peer: str, msg: Any) -> None:
         kind = self._kind.get(peer)
@@ -156,7 +188,7 @@ class SchedulerServer:
                 self._kind.pop(peer, None)
                 self._send_all(self.state.remove_client(peer))
             else:
-                self._send_all(self.state.handle_client(peer, msg))
+                self._handle_client(peer, msg)
         elif isinstance(msg, m.Heartbeat) and "/" not in peer:
             # a worker we removed, back (partition healed, SIGCONT): its tasks ran elsewhere
             # meanwhile; it leaves and its nanny starts a fresh one
@@ -165,6 +197,21 @@ class SchedulerServer:
             self._send(peer, m.CloseWorker(reason, restart=True))
         else:
             logger.warning("dropping %s from unregistered peer %r", type(msg).__name__, peer)
+
+    def _handle_client(self, peer: str, msg: Any) -> None:
+        out = self.state.handle_client(peer, msg)
+        if isinstance(msg, m.GetWorkers):
+            self._add_hosts(out)
+        self._send_all(out)
+
+    def _add_hosts(self, out: list) -> None:
+        """Worker lists tell clients each worker's shared-memory host key: a client on the same
+        host sends big data to it as shared-memory files (``transport/shm.py``)."""
+        for _, reply in out:
+            if isinstance(reply, m.Reply) and isinstance(reply.value, list):
+                for info in reply.value:
+                    if isinstance(info, dict):
+                        info["host"] = self._hosts.get(info.get("id", ""), "")
 
     def _is_slot_helper(self, peer: str) -> bool:
         """``worker-id/n~k`` of a registered worker (see the module docstring)."""
@@ -186,6 +233,7 @@ class SchedulerServer:
             return
         self._kind[peer] = "worker"
         self._worker_peers[peer] = {peer}
+        self._hosts[peer] = msg.host if isinstance(msg.host, str) else ""
         self._send_all(self.state.handle_worker(peer, msg))
         if self.on_worker_added is not None:
             self.on_worker_added(peer)
@@ -216,9 +264,14 @@ class SchedulerServer:
                 self._send(peer, msg)
 
     def _send(self, peer: str, msg: Any) -> bool:
-        frames = m.encode(msg)
+        if self._holding:  # keep the order of what a peer is sent
+            self._held.setdefault(peer, []).append(msg)
+            return True
+        return self._send_encoded(peer, m.encode(msg))
+
+    def _send_encoded(self, peer: str, frames: list) -> bool:
         try:
-            self.router.send_multipart([peer.encode(), *frames], copy=False)
+            send_frames(self.router, [peer.encode(), *frames])
         except zmq.ZMQError as exc:
             self._peer_gone(peer, exc.strerror)
             return False

@@ -67,7 +67,8 @@ from typing import Any
 import zmq
 
 from .. import messages as m
-from ..transport import serialize
+from ..transport import serialize, shm
+from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
 from ..transport.sockets import connect_to_data, control_socket
@@ -281,7 +282,7 @@ class _SpareSockets:
                 self._security.client(sock, self._address)
             sock.connect(self._address)
         try:
-            sock.send_multipart(frames, copy=False)
+            send_frames(sock, frames)
         finally:
             with self._lock:
                 self._idle.append(sock)
@@ -467,33 +468,41 @@ class Slot:
             self.recalls.finish(compute.key, self.index)
 
     def _send(self, msg: Any) -> None:
-        self.sock.send_multipart(m.encode(msg), copy=False)
+        send_frames(self.sock, m.encode(msg))
 
     def _send_frames(self, frames: list) -> None:
-        self.sock.send_multipart(frames, copy=False)
+        send_frames(self.sock, frames)
 
     def _drain(self) -> None:
         """Read everything waiting: queue computes, run initializers."""
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(self.sock, NOBLOCK)
             except zmq.Again:
                 return
             try:
-                msg = m.decode(frames)
+                msgs = m.decode_all(frames)
             except MalformedMessage as exc:
                 logger.warning("dropping malformed message from the scheduler: %s", exc)
                 continue
-            if isinstance(msg, m.Compute):
-                self.queue.append(msg)
-            elif isinstance(msg, m.RunInitializer):
-                error = self.initializers.run(msg.frames)
-                if error is not None:
-                    self._send(m.InitializerErred(error))
-            elif isinstance(msg, m.Reply):
-                pass  # liveness ping
-            else:
-                logger.warning("slot dropping unexpected %s", type(msg).__name__)
+            for msg in msgs:
+                self._take(msg)
+
+    def _take(self, msg: Any) -> None:
+        """Queue a compute, free keys, run an initializer (in arrival order)."""
+        if isinstance(msg, m.Compute):
+            self.queue.append(msg)
+        elif isinstance(msg, m.FreeKeys):  # sent here so they go before the next task
+            for key in msg.keys:
+                self.store.free(key)
+        elif isinstance(msg, m.RunInitializer):
+            error = self.initializers.run(msg.frames)
+            if error is not None:
+                self._send(m.InitializerErred(error))
+        elif isinstance(msg, m.Reply):
+            pass  # liveness ping
+        else:
+            logger.warning("slot dropping unexpected %s", type(msg).__name__)
 
     # --- waiting inside a task ---------------------------------------------------------------
 
@@ -652,7 +661,7 @@ class Slot:
         if sock is None:
             sock = self._peers[address] = connect_to_data(address, self.security)
         self._request_id += 1
-        sock.send_multipart(m.encode(m.GetData(self._request_id, keys)))
+        sock.send_multipart(m.encode(m.GetData(self._request_id, keys, shm.host_key())))
         deadline = time.monotonic() + FETCH_TIMEOUT
         while True:
             remaining = deadline - time.monotonic()
@@ -664,7 +673,9 @@ class Slot:
             frames = sock.recv_multipart(copy=False)
             try:
                 msg = m.decode([frames[0].bytes, *[_buffer(f) for f in frames[1:]]])
-            except MalformedMessage as exc:
+                if isinstance(msg, m.Data):  # (a late answer too: its files are taken in)
+                    msg.frames = shm.unpack_frames(msg.frames, msg.shm)
+            except (MalformedMessage, ValueError, TypeError, OSError) as exc:
                 logger.warning("dropping malformed data reply from %s: %s", address, exc)
                 continue
             if not isinstance(msg, m.Data) or msg.request_id != self._request_id:

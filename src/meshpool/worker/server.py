@@ -26,12 +26,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 import zmq
 
 from .. import messages as m
-from ..transport import serialize
+from ..transport import serialize, shm
+from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
 from ..transport.sockets import bind, connect_to_data, control_socket, make_socket
@@ -48,6 +50,7 @@ RESTART_ME = 5  # exit code: the scheduler removed us (we went silent); the nann
 REPLICA_TIMEOUT = 60.0  # a retiring peer that has not sent its data by then is given up on
 SCHEDULER_SILENCE = 30.0  # no word from the scheduler this long: it is gone, and so do we
 POLL_MS = 250
+SHM_SWEEP_INTERVAL = 30.0  # seconds between looks for shared-memory files nobody attached
 
 
 class Worker:
@@ -87,6 +90,8 @@ class Worker:
         self._replica_peers: dict[str, zmq.Socket] = {}
         self._replica_started: dict[str, float] = {}
         self._replica_request = 0
+        self._shm_tag = uuid.uuid4().hex[:8]  # names this worker's shared-memory files
+        self._last_shm_sweep = time.monotonic()
 
         self.ctrl = control_socket(zmq.DEALER, identity=worker_id.encode())
         if security is not None:
@@ -144,6 +149,7 @@ class Worker:
                 self.resources,
                 m.versions(),
                 os.getpid(),
+                shm.host_key(),
             )
         )
         poller = self._poller = zmq.Poller()
@@ -210,7 +216,7 @@ class Worker:
                 self._poller.register(sock, zmq.POLLIN)
             self._replica_request += 1
             self._replica_started[address] = time.monotonic()
-            sock.send_multipart(m.encode(m.GetData(self._replica_request, keys)))
+            sock.send_multipart(m.encode(m.GetData(self._replica_request, keys, shm.host_key())))
 
     def _drain_replicas(self, address: str, sock: zmq.Socket) -> None:
         while True:
@@ -220,6 +226,7 @@ class Worker:
                 return
             try:
                 msg = m.decode([frames[0].bytes, *[_buffer(f) for f in frames[1:]]])
+                msg.frames = shm.unpack_frames(msg.frames, msg.shm)
                 added = []
                 offset = 0
                 for key, nframes in msg.items:
@@ -251,13 +258,14 @@ class Worker:
             sock.close(linger=0)
         self.ctrl.close(linger=200)  # let a last message (AddKeys) go out
         self.data.close(linger=0)
+        shm.remove_own(self._shm_tag)  # answers nobody took in: they never will now
 
     def _send(self, msg: Any) -> None:
         """Never block the loop: with no connection to the scheduler (not yet up, or it refused
         our handshake) a message is kept for retry on the next tick, or dropped if it is a
         heartbeat (the next one says the same)."""
         try:
-            self.ctrl.send_multipart(m.encode(msg), zmq.NOBLOCK, copy=False)
+            send_frames(self.ctrl, m.encode(msg), NOBLOCK)
         except zmq.Again:
             if not isinstance(msg, m.Heartbeat):
                 self._unsent.append(msg)
@@ -283,6 +291,9 @@ class Worker:
             unsent, self._unsent = self._unsent, []
             for msg in unsent:
                 self._send(msg)
+        if now - self._last_shm_sweep >= SHM_SWEEP_INTERVAL:
+            self._last_shm_sweep = now
+            shm.expire_own()  # files whose receiver never came (it died, or gave up)
         if self._retire_requested and not self._retire_sent:
             self._retire_sent = True
             self._send(m.RetireMe("the worker was asked to stop (SIGTERM)"))
@@ -300,19 +311,22 @@ class Worker:
     def _drain_ctrl(self) -> None:
         for _ in range(1000):
             try:
-                frames = self.ctrl.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(self.ctrl, NOBLOCK)
             except zmq.Again:
                 return
             self._last_from_scheduler = time.monotonic()
             try:
-                msg = m.decode(frames)
+                msgs = m.decode_all(frames)
             except MalformedMessage as exc:
                 logger.warning("dropping malformed message from the scheduler: %s", exc)
                 continue
-            try:
-                self._on_ctrl(msg)
-            except Exception as exc:  # well-formed, nonsense inside: drop it, keep serving
-                logger.warning("dropping bad %s from the scheduler: %r", type(msg).__name__, exc)
+            for msg in msgs:
+                try:
+                    self._on_ctrl(msg)
+                except Exception as exc:  # well-formed, nonsense inside: drop it, keep serving
+                    logger.warning(
+                        "dropping bad %s from the scheduler: %r", type(msg).__name__, exc
+                    )
 
     def _on_ctrl(self, msg: Any) -> None:
         if isinstance(msg, m.FreeKeys):
@@ -366,18 +380,22 @@ class Worker:
             else:
                 items.append((key, len(held)))
                 frames.extend(held)
+        frames, spec = shm.pack_frames(frames, msg.host, self._shm_tag)  # a peer on this host
         try:
             self.data.send_multipart(
-                [identity, *m.encode(m.Data(msg.request_id, items, frames))], copy=False
+                [identity, *m.encode(m.Data(msg.request_id, items, spec, frames))], copy=False
             )
         except zmq.ZMQError as exc:
             logger.warning("could not answer a data request: %s", exc)
+            for _, name, _ in spec:
+                shm.discard(name)
 
     def _store_data(self, msg: m.StoreData) -> None:
         offset = 0
         added = []
+        all_frames = shm.unpack_frames(msg.frames, msg.shm)
         for key, nframes in msg.items:
-            frames = msg.frames[offset : offset + nframes]
+            frames = all_frames[offset : offset + nframes]
             offset += nframes
             added.append((key, self.store.put_frames(key, frames)))
         self._send(m.AddKeys(added))
