@@ -439,3 +439,102 @@ def test_netns_worker_without_the_credentials_is_refused(network, ns_cluster, cr
     finally:
         procs.stop()
     _assert_cluster_intact(network, ns_cluster)
+
+
+# --- a host that vanishes: its link goes down mid-run -------------------------------------------
+
+HEARTBEAT_TIMEOUT = 2.0  # seconds: MESHPOOL_HEARTBEAT_TIMEOUT of the partition test's cluster
+
+PARTITION_SCRIPT = """
+import json, os, sys, time
+from pathlib import Path
+
+import meshpool
+
+args = json.loads(sys.argv[1])
+marks = Path(args["marks"])
+
+
+def square(x, marks, delay):
+    Path(marks, f"{x}.{os.getpid()}").touch()
+    time.sleep(delay)
+    return x * x, os.getpid()
+
+
+with meshpool.Executor(args["address"], security=args["security"], timeout=60) as ex:
+    ex.wait_for_workers(2, timeout=60)
+    pids = {w["name"]: w["pid"] for w in ex.workers()}
+    futures = [ex.submit(square, i, str(marks), 1.0) for i in range(6)]
+    while not [
+        p for p in marks.glob(f"*.{pids['w1-0']}") if not futures[int(p.stem)].done()
+    ]:
+        time.sleep(0.01)
+    print("running on w1", flush=True)
+    sys.stdin.readline()  # the test took w1's link down
+    down = time.monotonic()
+    while "w1-0" in {w["name"] for w in ex.workers()}:
+        time.sleep(0.05)
+    removed_after = time.monotonic() - down
+    results = [f.result(timeout=60) for f in futures]
+    print(json.dumps({"pids": pids, "results": results, "removed_after": removed_after}))
+"""
+
+
+@pytest.mark.netns
+def test_netns_vanished_host_is_noticed_and_its_tasks_rerun(network, tmp_path):
+    """w1's link goes down while it runs tasks: nothing closes its TCP connections, yet the
+    scheduler removes it within about the heartbeat timeout, and every task completes on w2."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = netns.process_env(str(home), MESHPOOL_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT))
+    procs = netns.Processes(tmp_path, env)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = tmp_path / "partition.py"
+    script.write_text(textwrap.dedent(PARTITION_SCRIPT))
+    w1 = network.namespace("w1")
+    client = None
+    try:
+        security = _keygen(tmp_path / "creds", env)
+        address = _start_cluster(
+            procs,
+            security,
+            network.address("sched"),
+            {"w1": network.address("w1"), "w2": network.address("w2")},
+            {"scheduler": network.namespace("sched"), "w1": w1, "w2": network.namespace("w2")},
+        )
+        args = {"address": address, "security": str(security), "marks": str(marks)}
+        client = subprocess.Popen(
+            netns.in_namespace(
+                network.namespace("client"), [sys.executable, str(script), json.dumps(args)]
+            ),
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdout is not None and client.stdin is not None
+        line = client.stdout.readline()  # (bounded by the test's timeout)
+        assert line.strip() == "running on w1", (line, client.stderr.read(), procs.all_logs())
+        netns.ip("-n", w1, "link", "set", "eth0", "down")
+        client.stdin.write("down\n")
+        client.stdin.flush()
+        out, err = client.communicate(timeout=RUN_TIMEOUT)
+        assert client.returncode == 0, (out, err, procs.all_logs())
+    finally:
+        netns.ip("-n", w1, "link", "set", "eth0", "up", check=False)
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        procs.stop()
+    report = json.loads(out.strip().splitlines()[-1])
+    print(f"vanished host removed {report['removed_after']:.2f} s after its link went down")
+    results = report["results"]
+    assert [r[0] for r in results] == [i * i for i in range(6)], report
+    w1_pid, w2_pid = report["pids"]["w1-0"], report["pids"]["w2-0"]
+    # the task w1 was running when its link went down ran again on w2
+    rerun = [i for i, r in enumerate(results) if (marks / f"{i}.{w1_pid}").exists()]
+    assert any(results[i][1] == w2_pid for i in rerun), (rerun, report)
+    log = (tmp_path / "scheduler.log").read_text()
+    assert "connection timed out (host vanished?)" in log, log
