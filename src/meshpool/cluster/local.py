@@ -6,6 +6,9 @@ line on stdin and keeps that pipe open: when the caller dies, even by SIGKILL, t
 the worker exits, removing its ipc socket files. Workers run in their own process group, so a
 Ctrl-C in the caller's terminal reaches only the caller, which then shuts down cleanly.
 
+Shared-memory files (``transport/shm.py``) a worker made that nobody took in are removed when it
+exits (by the worker, or here, when it was killed) and when the cluster stops.
+
 One waiter thread per process reports its exit through ``on_exit``; the owner (the client's I/O
 thread) tells the scheduler and calls :meth:`LocalWorkers.restart`. A worker that dies before it
 ever registered counts as a failed start; :data:`MAX_FAILED_STARTS` in a row break the cluster.
@@ -22,6 +25,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from ..transport import shm
 
 MAX_FAILED_STARTS = 3  # consecutive workers dying before registering: stop retrying
 STOP_TIMEOUT = 5.0  # seconds a closing worker gets before it is killed
@@ -119,6 +124,7 @@ class LocalWorkers:
 
     def _wait(self, wp: WorkerProcess) -> None:
         code = wp.process.wait()
+        shm.remove_orphans()  # shared-memory files it made that nobody took in
         self.on_exit(wp.worker_id, code)
 
     def registered(self, worker_id: str) -> None:
@@ -172,6 +178,7 @@ class LocalWorkers:
                 except OSError:
                     pass
         _wait_all(procs, timeout, kill=True)
+        shm.remove_orphans()
 
 
 def _wait_all(procs: list[WorkerProcess], seconds: float, kill: bool) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import errors
 from .. import messages as m
-from ..transport import serialize
+from ..transport import serialize, shm
 from ..transport.header import BATCH_DEPENDENCIES, MAX_HEADER_BYTES, dumps_header
 from ..transport.security import Security
 from ..transport.sockets import MAX_FRAME_BYTES
@@ -54,6 +54,9 @@ class ExecutorStatistics:
     client_bytes_received: int
     scheduler_bytes_sent: int
     scheduler_bytes_received: int
+    #: of the client's bytes, those that went as shared-memory files (workers on this host)
+    shm_bytes_sent: int = 0
+    shm_bytes_received: int = 0
 
 
 class Executor(cf.Executor):
@@ -224,6 +227,8 @@ class Executor(cf.Executor):
             client_bytes_received=stats["client_bytes_received"],
             scheduler_bytes_sent=info["bytes_sent"],
             scheduler_bytes_received=info["bytes_received"],
+            shm_bytes_sent=stats["shm_bytes_sent"],
+            shm_bytes_received=stats["shm_bytes_received"],
         )
 
     def __enter__(self) -> Executor:
@@ -484,9 +489,11 @@ class Executor(cf.Executor):
         """Send data straight to workers' data sockets, round robin among ``names`` (or all)."""
         targets = self._live_workers(names)
         by_worker: dict[str, tuple[list, list, list]] = {}
+        hosts: dict[str, str] = {}
         for key, frames in zip(keys, frames_per_key, strict=True):
             ws = targets[next(self._scatter_turn) % len(targets)]
             items, out, rows = by_worker.setdefault(ws["address"], ([], [], []))
+            hosts[ws["address"]] = ws.get("host", "")
             items.append((key, len(frames)))
             out.extend(frames)
             rows.append((key, ws["id"]))
@@ -495,7 +502,10 @@ class Executor(cf.Executor):
                 "call", lambda core: core.pending.update({f.key: f for f in futures})
             )
         for address, (items, out, rows) in by_worker.items():
-            self._core.command("store", address, items, out, rows)
+            # a worker on this host gets big frames as shared-memory files, copied here in the
+            # caller's thread (the I/O thread only sends their names)
+            out, spec = shm.pack_frames(out, hosts[address], self._core.prefix)
+            self._core.command("store", address, items, out, spec, rows)
 
     def _live_workers(self, names: list[str] | None) -> list[dict]:
         """Workers to send data to; the list is reused for a second (a round trip saved per

@@ -35,6 +35,9 @@ def _watch_parent(cleanup: list[str], cleanup_dir: str | None) -> None:
             os.rmdir(cleanup_dir)  # succeeds for the last one out
         except OSError:
             pass
+    from ..transport import shm
+
+    shm.remove_own()
     # os._exit skips the interpreter's flush: output tasks printed without flush=True into a
     # pipe (block-buffered) would be lost
     for stream in (sys.stdout, sys.stderr):
@@ -115,6 +118,9 @@ def main() -> None:
     try:
         worker.run()
     finally:
+        from ..transport import shm
+
+        shm.remove_own()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(worker.exit_code)
