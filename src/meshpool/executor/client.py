@@ -56,6 +56,7 @@ FETCH_UNANSWERED = 3  # ...and after this many unanswered rounds, the fetch fail
 FETCH_RETRIES = 20  # who-has rounds for data that is moving (or being recomputed)
 SCHEDULER_SILENCE = 10.0  # no word from a remote scheduler this long: it is lost
 POLL_MS = 100
+MERGE_ROWS = 1000  # submits merged into one message at most (a header stays well under its cap)
 
 _live_cores: weakref.WeakSet = weakref.WeakSet()
 _exiting = False
@@ -329,11 +330,15 @@ class ClientCore:
         return not self.fetches
 
     def _drain_commands(self) -> None:
+        """Run the queued commands in order, merging runs of submits and of releases into one
+        message each (a loop of ``submit()`` calls reaches the scheduler as one SubmitTasks)."""
+        items = []
         while True:
             try:
-                item = self.commands.get_nowait()
+                items.append(self.commands.get_nowait())
             except queue.Empty:
-                return
+                break
+        for item in _merge_runs(items):
             try:
                 getattr(self, "_cmd_" + item[0].replace("-", "_"))(*item[1:])
             except Exception:
@@ -385,9 +390,15 @@ class ClientCore:
         self._send(m.SubmitTasks(rows, frames))
 
     def _cmd_release(self, key: Any) -> None:
-        self.lineage.pop(key, None)
-        if self.broken is None and key not in self.pending:
-            self._send(m.ReleaseKeys([key]))
+        self._cmd_release_keys([key])
+
+    def _cmd_release_keys(self, keys: list) -> None:
+        """Futures dropped (their finalizers): release those that are not pending."""
+        for key in keys:
+            self.lineage.pop(key, None)
+        keys = [k for k in keys if k not in self.pending]
+        if self.broken is None and keys:
+            self._send(m.ReleaseKeys(keys))
 
     def _cmd_release_many(self, keys: list) -> None:
         for key in keys:
@@ -758,6 +769,31 @@ class ClientCore:
             except OSError:
                 pass
         _live_cores.discard(self)
+
+
+def _merge_runs(items: list) -> list:
+    """Commands in order, with each run of consecutive ``submit`` commands merged into one (up to
+    :data:`MERGE_ROWS` tasks; a single command may bring more), and each run of ``release``
+    commands into one ``release-keys``."""
+    merged: list = []
+    for item in items:
+        kind = item[0]
+        last = merged[-1] if merged else None
+        if kind == "submit":
+            if last is not None and last[0] == "submit" and len(last[1]) < MERGE_ROWS:
+                last[1].extend(item[1])
+                last[2].extend(item[2])
+                last[3].extend(item[3])
+            else:
+                merged.append(["submit", list(item[1]), list(item[2]), list(item[3])])
+        elif kind == "release":
+            if last is not None and last[0] == "release-keys":
+                last[1].append(item[1])
+            else:
+                merged.append(["release-keys", [item[1]]])
+        else:
+            merged.append(item)
+    return merged
 
 
 def _function_name(key: Any) -> str:
