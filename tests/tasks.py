@@ -183,3 +183,11 @@ def record_initializer(path, value):
 
 def failing_initializer():
     raise ValueError("initializer fails on purpose")
+
+
+def full_array(mb, value):
+    """An array of ``mb`` MiB filled with ``value`` (numpy imported here, not at module level:
+    a worker running it holds no more than numpy itself)."""
+    import numpy as np
+
+    return np.full(int(mb * 2**20) // 8, float(value))

@@ -18,6 +18,7 @@ from meshpool.scheduler.state import (
     CANCELLED,
     DEFAULT_DURATION,
     ERRED,
+    MAX_HELD_IMBALANCE,
     MEMORY,
     NO_WORKER,
     PROCESSING,
@@ -28,7 +29,9 @@ from meshpool.scheduler.state import (
 from meshpool.transport import serialize
 
 ERROR = [b"tb-info", b"exception"]
-DURATION = DEFAULT_DURATION  # tasks as long as assumed: the prefetch capacity stays put  # opaque to the scheduler: it only forwards them
+# Every task reports this duration, and the Sim starts from it: short tasks, so slots hold a
+# prefetch queue, whose size stays put.
+DURATION = 0.0005
 
 
 class Sim:
@@ -36,6 +39,7 @@ class Sim:
 
     def __init__(self, killed_worker_limit: int = 3) -> None:
         self.state = SchedulerState(killed_worker_limit=killed_worker_limit)
+        self.state._mean_duration = DURATION
         self._order = 0
 
     def _check(self, out: list) -> list:
@@ -433,7 +437,7 @@ def test_lost_input_of_a_pending_task_is_recomputed(sim):
     assert sim.ts("y").state == WAITING
     out = sim.done("w2/0", "x", value=False)
     assert out == [("w2/0", compute("y", 2, [("x", ["addr-w2"])], on_w2))]
-    assert sim.done("w2/0", "y") == [("c1", task_done("y")), ("w2", m.FreeKeys(["x"]))]
+    assert sim.done("w2/0", "y") == [("c1", task_done("y")), ("w2/0", m.FreeKeys(["x"]))]
 
 
 def test_scattered_data_lost_is_data_lost(sim):
@@ -453,7 +457,7 @@ def test_release_forgets_and_frees_on_the_worker(sim):
     sim.submit(("x", []))
     sim.done("w1/0", "x", nbytes=100, value=False)
     assert sim.state.workers["w1"].nbytes == 100
-    assert sim.client(m.ReleaseKeys(["x"])) == [("w1", m.FreeKeys(["x"]))]
+    assert sim.client(m.ReleaseKeys(["x"])) == [("w1/0", m.FreeKeys(["x"]))]
     assert "x" not in sim.state.tasks
     assert sim.state.workers["w1"].nbytes == 0
 
@@ -465,7 +469,7 @@ def test_released_input_kept_until_its_dependents_finish(sim):
     assert sim.client(m.ReleaseKeys(["x"])) == []  # y still needs it
     assert "x" in sim.state.tasks
     out = sim.done("w1/0", "y")
-    assert out == [("c1", task_done("y")), ("w1", m.FreeKeys(["x"]))]
+    assert out == [("c1", task_done("y")), ("w1/0", m.FreeKeys(["x"]))]
     assert "x" not in sim.state.tasks
 
 
@@ -475,7 +479,7 @@ def test_release_of_pending_task_does_not_cancel_it(sim):
     assert sim.client(m.ReleaseKeys(["x"])) == []
     assert sim.ts("x").state == PROCESSING
     # done, nobody wants it: forgotten and freed at once
-    assert sim.done("w1/0", "x") == [("w1", m.FreeKeys(["x"]))]
+    assert sim.done("w1/0", "x") == [("w1/0", m.FreeKeys(["x"]))]
     assert "x" not in sim.state.tasks
 
 
@@ -485,7 +489,73 @@ def test_client_gone_releases_its_keys(sim):
     sim.submit(("x", []), client="c2")
     sim.done("w1/0", "x")
     assert sim._check(sim.state.remove_client("c1")) == []
-    assert sim._check(sim.state.remove_client("c2")) == [("w1", m.FreeKeys(["x"]))]
+    assert sim._check(sim.state.remove_client("c2")) == [("w1/0", m.FreeKeys(["x"]))]
+
+
+def test_frees_go_to_a_slot_ahead_of_its_next_task(sim):
+    """A slot drops the keys before it starts the next task, however late the worker's
+    control thread runs; one FreeKeys per worker per step."""
+    sim.register("w1")
+    sim.submit(("a", []), ("b", []), ("s", ["a", "b"]), ("c", []))
+    for key in ("a", "b"):
+        sim.done("w1/0", key, value=False)
+    sim.client(m.ReleaseKeys(["a", "b", "s", "c"]))
+    out = sim.done("w1/0", "s", value=False)
+    frees = only(out, m.FreeKeys)
+    assert sorted(frees[0][1].keys) == ["a", "b", "s"]
+    # c is still queued on the slot: the control connection is told too, in case it runs long
+    assert [peer for peer, _ in frees] == ["w1/0", "w1"]
+
+
+def test_frees_to_an_idle_slot_only(sim):
+    sim.register("w1")
+    sim.submit(("x", []))
+    sim.done("w1/0", "x")
+    assert sim.client(m.ReleaseKeys(["x"])) == [("w1/0", m.FreeKeys(["x"]))]
+
+
+def test_frees_to_the_control_connection_without_open_slots(sim):
+    sim.register("w1")
+    sim.submit(("x", []))
+    sim.done("w1/0", "x")
+    sim.state.workers["w1"].ready_slots = []  # e.g. retiring
+    assert sim.client(m.ReleaseKeys(["x"])) == [("w1", m.FreeKeys(["x"]))]
+
+
+def test_a_fresh_scheduler_does_not_prefetch():
+    """Before any task has been timed, tasks are assumed long: one per slot, so a first burst
+    of large leaves does not pile up on a worker that may turn out slow."""
+    sim = Sim()
+    sim.state._mean_duration = DEFAULT_DURATION
+    assert sim.state.slot_capacity() == 1
+    sim.register("w1")
+    assert len(sim.submit(*((f"t{i}", []) for i in range(10)))) == 1
+
+
+def test_leaves_wait_for_a_lean_worker(sim):
+    """A worker holding partial results that wait for their siblings beyond the imbalance
+    does not start new leaves (it would only pile up more); it still runs tasks that consume
+    results, and the leaves go to the leaner worker."""
+    big = MAX_HELD_IMBALANCE // 2 + 1
+    sim.state._mean_duration = DEFAULT_DURATION  # no prefetch: one task per slot
+    sim.register("w1")
+    sim.register("w2")
+    leaves = [f"l{i}" for i in range(8)]
+    sim.submit(*((k, []) for k in leaves), ("s", leaves))
+    w1, w2 = sim.state.workers["w1"], sim.state.workers["w2"]
+    first = {ts.key: ws.id for ws in (w1, w2) for ts in ws.processing}
+    on_w1 = [k for k, w in first.items() if w == "w1"]
+    on_w2 = [k for k, w in first.items() if w == "w2"]
+    assert on_w1 and on_w2
+    # w2 stalls on its leaf; w1 finishes two: more than the imbalance waits for ``s`` there
+    out = sim.done("w1/0", on_w1[0], nbytes=big)
+    (nxt,) = [msg.key for peer, msg in out if peer == "w1/0" and isinstance(msg, m.Compute)]
+    out = sim.done("w1/0", nxt, nbytes=big)
+    assert w1.waiting_nbytes == 2 * big > w2.waiting_nbytes + MAX_HELD_IMBALANCE
+    assert only(out, m.Compute) == []  # w1 waits; the next leaf is kept for w2
+    assert not w1.processing
+    out = sim.done("w2/0", on_w2[0], nbytes=big)  # w2 catches up: both take leaves again
+    assert sorted(peer for peer, _ in only(out, m.Compute)) == ["w1/0", "w2/0"]
 
 
 def test_erred_and_cancelled_tasks_are_forgotten_when_released(sim):
@@ -606,5 +676,5 @@ def test_stale_done_from_a_removed_placement_is_freed(sim):
     sim.register("w2")
     sim.submit(("x", [], {"workers": ["name-w1"]}))
     # a ComputeDone from a worker the task is not on: freed there, state untouched
-    assert sim.done("w2/0", "x") == [("w2", m.FreeKeys(["x"]))]
+    assert sim.done("w2/0", "x") == [("w2/0", m.FreeKeys(["x"]))]
     assert sim.ts("x").state == PROCESSING

@@ -67,9 +67,12 @@ MAX_PREFETCH_PER_THREAD = 32  # ...but never more tasks than this per thread
 # mean task duration assumed before any has been measured: long, so a first burst of large
 # tasks is not prefetched several deep (which costs memory on reductions); tiny tasks bring the
 # estimate down within a few dozen completions
-DEFAULT_DURATION = 0.0005
+DEFAULT_DURATION = 0.005
 DURATION_WEIGHT = 0.1  # weight of the newest duration in the moving average
 KILLED_WORKER_LIMIT = 3  # a task running on this many dying workers is a poison task
+# A task without inputs that feeds others (a leaf of a reduction) does not start on a worker
+# holding this many more bytes awaiting dependents than the leanest worker (see _lean).
+MAX_HELD_IMBALANCE = 24 * 2**20
 # An idle worker steals a queued task only if that moves at most this many input bytes: more
 # could cost longer than waiting for the busy worker (whose running task's length we don't know).
 STEAL_MAX_BYTES = int(0.01 * BANDWIDTH)
@@ -194,6 +197,7 @@ class WorkerState:
         "ready_slots",
         "has_what",
         "nbytes",
+        "waiting_nbytes",
         "pid",
         "versions",
         "retiring",
@@ -215,6 +219,7 @@ class WorkerState:
         self.ready_slots: list[int] = []
         self.has_what: set[TaskState] = set()
         self.nbytes = 0
+        self.waiting_nbytes = 0  # of ``nbytes``, results some pending task still needs
         self.pid = msg.pid
         self.retiring: list | None = None  # None, or the (client, request) waiting on it
         self.handoff: set = set()  # keys asked to be copied elsewhere while retiring
@@ -257,6 +262,7 @@ class SchedulerState:
         self._from_slot = -1  # the slot index of the worker message being handled
         self._retired: set[str] = set()  # told to close after retiring (no longer schedulable)
         self._out: Outgoing = []
+        self._frees: dict[str, m.FreeKeys] = {}  # this step's FreeKeys message per worker
         self._client_handlers: dict[type, Callable[[str, Any], None]] = {
             m.SubmitTasks: self._client_submit,
             m.ReleaseKeys: self._client_release,
@@ -420,7 +426,7 @@ class SchedulerState:
                 failed = dts
             elif dts.state != MEMORY:
                 ts.waiting_on.add(dts)
-            dts.waiters.add(ts)
+            self._add_waiter(dts, ts)
         if failed is not None:
             if failed.state == ERRED:
                 self._fail(ts, failed.error)
@@ -618,16 +624,14 @@ class SchedulerState:
             if ts is not None and ts.state == MEMORY:
                 self._add_replica(ts, ws, msg.nbytes)
             else:
-                self._send(ws.id, m.FreeKeys([msg.key]))
+                self._free(ws, msg.key)
             return
         self._mean_duration += DURATION_WEIGHT * (msg.duration - self._mean_duration)
         slot = ts.slot
         self._release_slot(ts, ws)
         ts.state = MEMORY
         ts.nbytes = msg.nbytes
-        ts.who_has.add(ws)
-        ws.has_what.add(ts)
-        ws.nbytes += msg.nbytes
+        self._hold(ts, ws)
         for client_id in ts.wanted_by:
             self._out.append((client_id, m.TaskDone(ts.key, ts.nbytes, msg.has_value, msg.frames)))
         for dep in ts.dependents:
@@ -659,8 +663,7 @@ class SchedulerState:
         dts = self.tasks.get(msg.dependency)
         if dts is not None:
             for holder in [w for w in dts.who_has if w.address == msg.address]:
-                dts.who_has.discard(holder)
-                holder.has_what.discard(dts)
+                self._unhold(dts, holder)
             if not dts.who_has and dts.state == MEMORY:
                 self._data_lost(dts, None)
         if ts is not None and ts.state == PROCESSING and ts.processing_on is ws:
@@ -681,19 +684,17 @@ class SchedulerState:
         for key, nbytes in msg.items:
             ts = self.tasks.get(key)
             if ts is None:  # released before it landed
-                self._send(ws.id, m.FreeKeys([key]))
+                self._free(ws, key)
                 continue
             if ts.state == MEMORY:
                 self._add_replica(ts, ws, nbytes)
                 continue
             if ts.state != WAITING or ts.spec is not None:
-                self._send(ws.id, m.FreeKeys([key]))
+                self._free(ws, key)
                 continue
             ts.state = MEMORY
             ts.nbytes = nbytes
-            ts.who_has.add(ws)
-            ws.has_what.add(ts)
-            ws.nbytes += nbytes
+            self._hold(ts, ws)
             for client_id in ts.wanted_by:
                 self._out.append((client_id, m.TaskDone(key, nbytes, False, [])))
             for dep in ts.dependents:
@@ -852,8 +853,35 @@ class SchedulerState:
 
     def _finish_dependencies(self, ts: TaskState) -> None:
         for dts in ts.dependencies:
-            dts.waiters.discard(ts)
+            self._discard_waiter(dts, ts)
             self._maybe_forget(dts)
+
+    def _hold(self, ts: TaskState, ws: WorkerState) -> None:
+        ts.who_has.add(ws)
+        ws.has_what.add(ts)
+        ws.nbytes += ts.nbytes
+        if ts.waiters:
+            ws.waiting_nbytes += ts.nbytes
+
+    def _unhold(self, ts: TaskState, ws: WorkerState) -> None:
+        ts.who_has.discard(ws)
+        ws.has_what.discard(ts)
+        ws.nbytes -= ts.nbytes
+        if ts.waiters:
+            ws.waiting_nbytes -= ts.nbytes
+
+    def _add_waiter(self, dts: TaskState, ts: TaskState) -> None:
+        if not dts.waiters:
+            for ws in dts.who_has:
+                ws.waiting_nbytes += dts.nbytes
+        dts.waiters.add(ts)
+
+    def _discard_waiter(self, dts: TaskState, ts: TaskState) -> None:
+        if ts in dts.waiters:
+            dts.waiters.discard(ts)
+            if not dts.waiters:
+                for ws in dts.who_has:
+                    ws.waiting_nbytes -= dts.nbytes
 
     def _fail(self, ts: TaskState, error: list | None) -> None:
         """Fail ``ts`` and every pending task downstream with the same error."""
@@ -926,23 +954,19 @@ class SchedulerState:
         if self.tasks.get(ts.key) is not ts:
             return
         del self.tasks[ts.key]
-        for ws in ts.who_has:
-            ws.has_what.discard(ts)
-            ws.nbytes -= ts.nbytes
-            self._send(ws.id, m.FreeKeys([ts.key]))
-        ts.who_has.clear()
+        for ws in list(ts.who_has):
+            self._unhold(ts, ws)
+            self._free(ws, ts.key)
         for dts in ts.dependencies:
             dts.dependents.discard(ts)
-            dts.waiters.discard(ts)
+            self._discard_waiter(dts, ts)
             self._maybe_forget(dts)
         ts.spec = None
         ts.dependencies = ()
 
     def _add_replica(self, ts: TaskState, ws: WorkerState, nbytes: int) -> None:
         if ws not in ts.who_has:
-            ts.who_has.add(ws)
-            ws.has_what.add(ts)
-            ws.nbytes += nbytes
+            self._hold(ts, ws)
 
     def _report(self, ts: TaskState, client_id: str) -> None:
         if ts.state == MEMORY:
@@ -995,6 +1019,21 @@ class SchedulerState:
                     return False
         return True
 
+    def _lean(self, open_workers: set[WorkerState]) -> set[WorkerState]:
+        """The open workers that may start a task without inputs feeding others.
+
+        Such a task (a leaf of a reduction) makes a result that must wait for its siblings. If
+        a worker stalls (a loaded machine deschedules it for 0.3 s), the others would run
+        leaves far ahead of it, each keeping a stack of partial results that cannot combine
+        until the stalled task ends: twice the memory. So a worker holding more than
+        :data:`MAX_HELD_IMBALANCE` bytes awaiting dependents beyond the leanest worker runs only
+        tasks that consume results; new leaves wait for a leaner worker. The imbalance, not the
+        amount, is bounded: workers that keep pace never wait.
+        """
+        floor = min((w.waiting_nbytes for w in self.workers.values() if w.ready_slots), default=0)
+        floor += MAX_HELD_IMBALANCE
+        return {w for w in open_workers if w.waiting_nbytes <= floor}
+
     def _decide_worker(self, ts: TaskState, candidates: Iterable[WorkerState]) -> Any:
         best = None
         best_cost = math.inf
@@ -1031,7 +1070,13 @@ class SchedulerState:
             ts = entry[2]
             if ts.state != READY:
                 continue
-            ws = self._decide_worker(ts, open_workers)
+            candidates = open_workers
+            if not ts.dependencies and ts.dependents and ts.restrictions is None:
+                candidates = self._lean(open_workers)
+                if not candidates:  # wait for a lean worker to have room (or to become lean)
+                    deferred.append(entry)
+                    break
+            ws = self._decide_worker(ts, candidates)
             if ws is None:
                 if not any(self._fits(ts, w) for w in self.workers.values()):
                     ts.state = NO_WORKER
@@ -1148,8 +1193,29 @@ class SchedulerState:
     def _send(self, peer: str, msg: Any) -> None:
         self._out.append((peer, msg))
 
+    def _free(self, ws: WorkerState, key: Any) -> None:
+        """Tell ``ws`` to drop ``key``: one FreeKeys per worker per step, sent to a slot.
+
+        A slot reads its messages in order before it starts a task, so the keys are gone before
+        the slot makes anything new, however late the worker's control thread gets to run (under
+        load it lagged the slots by up to 0.2 s, while they made ten more 10 MB results). When
+        that slot has work in hand, the control connection is told too (freeing twice is
+        harmless), so the memory does not wait for a long task to end.
+        """
+        msg = self._frees.get(ws.id)
+        if msg is not None:
+            msg.keys.append(key)
+            return
+        msg = self._frees[ws.id] = m.FreeKeys([key])
+        slot = min(ws.ready_slots, key=lambda i: len(ws.slots[i]), default=-1)
+        if slot >= 0:
+            self._send(f"{ws.id}/{slot}", msg)
+        if slot < 0 or ws.slots[slot]:
+            self._send(ws.id, msg)
+
     def _flush(self) -> Outgoing:
         out, self._out = self._out, []
+        self._frees.clear()
         return out
 
     # --- introspection (tests) ---------------------------------------------------------------
@@ -1182,6 +1248,8 @@ class SchedulerState:
             for index, count in enumerate(ws.blocked_count):
                 assert count == sum(1 for t in ws.blocked if t.slot == index), (ws, index)
             assert sum(len(q) for q in ws.slots) + len(ws.blocked) == len(ws.processing), ws
+            assert ws.nbytes == sum(t.nbytes for t in ws.has_what), ws
+            assert ws.waiting_nbytes == sum(t.nbytes for t in ws.has_what if t.waiters), ws
 
 
 def _error_frames(kind: str, detail: Any) -> list:
