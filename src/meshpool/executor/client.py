@@ -38,7 +38,7 @@ from .. import errors
 from .. import messages as m
 from ..transport import serialize, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
-from ..transport.header import MalformedMessage
+from ..transport.header import BATCH_DEPENDENCIES, MalformedMessage
 from ..transport.security import Security
 from ..transport.sockets import (
     connect_to_data,
@@ -773,19 +773,29 @@ class ClientCore:
 
 def _merge_runs(items: list) -> list:
     """Commands in order, with each run of consecutive ``submit`` commands merged into one (up to
-    :data:`MERGE_ROWS` tasks; a single command may bring more), and each run of ``release``
-    commands into one ``release-keys``."""
+    :data:`MERGE_ROWS` tasks or :data:`BATCH_DEPENDENCIES` dependency keys, so its header stays
+    under the cap; a single command may bring more), and each run of ``release`` commands into
+    one ``release-keys``."""
     merged: list = []
+    deps = 0  # dependency keys in the submit being merged
     for item in items:
         kind = item[0]
         last = merged[-1] if merged else None
         if kind == "submit":
-            if last is not None and last[0] == "submit" and len(last[1]) < MERGE_ROWS:
+            more = sum(len(row[1]) for row in item[1])
+            if (
+                last is not None
+                and last[0] == "submit"
+                and len(last[1]) < MERGE_ROWS
+                and deps + more < BATCH_DEPENDENCIES
+            ):
                 last[1].extend(item[1])
                 last[2].extend(item[2])
                 last[3].extend(item[3])
+                deps += more
             else:
                 merged.append(["submit", list(item[1]), list(item[2]), list(item[3])])
+                deps = more
         elif kind == "release":
             if last is not None and last[0] == "release-keys":
                 last[1].append(item[1])
