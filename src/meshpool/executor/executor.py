@@ -12,7 +12,6 @@ argument raises right here, naming the object — and then only enqueues work fo
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import functools
 import itertools
@@ -436,10 +435,14 @@ class Executor(cf.Executor):
     async def __aexit__(self, *exc: Any) -> None:
         if self._context_tokens:
             _graphs.leave(self._context_tokens.pop())
+        import asyncio  # (imported lazily: it costs ~60 ms at start-up)
+
         await asyncio.to_thread(self.shutdown, True)
 
     async def gather_async(self, futures: Iterable[cf.Future]) -> list:
         """Results of many futures without blocking the event loop."""
+        import asyncio
+
         return list(await asyncio.gather(*(_awaitable(f) for f in futures)))
 
     async def map_async(
@@ -450,6 +453,8 @@ class Executor(cf.Executor):
     ) -> AsyncIterator[Any]:
         """``async for result in ex.map_async(fn, items)``: results in order, never blocking
         the event loop; at most ``buffersize`` tasks in flight (None: submit everything)."""
+        import asyncio
+
         calls = zip(*iterables, strict=False)
         window: collections.deque[Future] = collections.deque()
         try:
@@ -645,6 +650,8 @@ def _result_iterator(fs: list[Future], end_time: float | None, core: ClientCore)
 
 
 def _awaitable(fut: cf.Future) -> Any:
+    import asyncio
+
     return fut if isinstance(fut, Future) else asyncio.wrap_future(fut)
 
 

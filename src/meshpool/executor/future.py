@@ -21,7 +21,6 @@ so tasks that wait for the tasks they submit cannot deadlock the pool.
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 import time
@@ -34,6 +33,8 @@ from ..errors import SerializationError
 from ..transport import serialize
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .client import ClientCore
 
 CANCEL_TIMEOUT = 5.0  # seconds cancel() waits for the scheduler (and a worker) to answer
@@ -149,7 +150,8 @@ class Future(_base.Future):
             super().set_exception(exception)
 
     def _complete_unwatched(self, result: Any, exception: BaseException | None) -> bool:
-        """Finish without a Condition if none exists; False if there is one (use it)."""
+        """Finish without a Condition if none exists; False if there is one (use it).
+        Waiters installed without one (:func:`install_waiter`) are told, as the stdlib does."""
         with _creation_lock:
             if self._cond is not None:
                 return False
@@ -158,8 +160,21 @@ class Future(_base.Future):
             self._result = result
             self._exception = exception
             self._state = _base.FINISHED
+            for waiter in self._waiters:
+                if exception is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
         self._invoke_callbacks()
         return True
+
+    def add_done_callback(self, fn: Callable[[_base.Future], object]) -> None:
+        """The stdlib's, without making a Condition for a pending future."""
+        with _creation_lock:
+            if self._cond is None and self._state not in _DONE_STATES:
+                self._done_callbacks.append(fn)
+                return
+        super().add_done_callback(fn)
 
     def __repr__(self) -> str:
         return f"<meshpool.Future {self.key!r} {self._state.lower()}>"
@@ -207,6 +222,8 @@ class Future(_base.Future):
         return self._await().__await__()
 
     async def _await(self) -> Any:
+        import asyncio  # (imported lazily: it costs ~60 ms at start-up)
+
         if not self.done():
             loop = asyncio.get_running_loop()
             waiter = loop.create_future()
@@ -269,6 +286,32 @@ def _set_done(waiter: asyncio.Future) -> None:
 
 _creation_lock = threading.Lock()
 _DONE_STATES = frozenset((_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED))
+
+
+def install_waiter(fut: Future, waiter: Any) -> bool:
+    """Add a stdlib-style waiter (``add_result``/``add_exception``/``add_cancelled``) to a
+    pending future, under its Condition if it has one, else under the creation lock (no
+    Condition is made); False if the future is already done."""
+    with _creation_lock:
+        if fut._cond is None:
+            if fut._state in _DONE_STATES:
+                return False
+            fut._waiters.append(waiter)
+            return True
+    with fut._condition:  # (made before the lock above was taken: it cannot go away)
+        if fut._state in _DONE_STATES:
+            return False
+        fut._waiters.append(waiter)
+        return True
+
+
+def remove_waiter(fut: Future, waiter: Any) -> None:
+    with _creation_lock:
+        if fut._cond is None:
+            fut._waiters.remove(waiter)
+            return
+    with fut._condition:
+        fut._waiters.remove(waiter)
 _CANCELLED_STATES = frozenset((_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED))
 
 _callback_queue: queue.SimpleQueue | None = None

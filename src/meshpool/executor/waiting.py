@@ -6,15 +6,17 @@ and it supports ``async for`` (which never blocks the event loop). Duplicates ar
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent import futures as cf
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .future import wait_in_task
+from .future import Future, install_waiter, remove_waiter, wait_in_task
+
+if TYPE_CHECKING:
+    import asyncio
 
 FIRST_COMPLETED = cf.FIRST_COMPLETED
 FIRST_EXCEPTION = cf.FIRST_EXCEPTION
@@ -26,10 +28,69 @@ def wait(
 ) -> cf._base.DoneAndNotDoneFutures:
     """The stdlib's ``concurrent.futures.wait``; meshpool futures are real stdlib futures.
 
-    Inside a task on a worker, the waiting thread gives its slot back meanwhile."""
+    On meshpool futures it makes no per-future Condition (the stdlib's makes one for each: most
+    of a future's memory). Inside a task on a worker, the waiting thread gives its slot back
+    meanwhile."""
     fs = list(fs)
     timeout = wait_in_task(fs, timeout, return_when)
-    return cf.wait(fs, timeout=timeout, return_when=return_when)
+    if not all(isinstance(f, Future) for f in fs):
+        return cf.wait(fs, timeout=timeout, return_when=return_when)
+    waiter = _Waiter(return_when)
+    installed = [f for f in set(fs) if install_waiter(f, waiter)]
+    try:
+        if waiter.arm(len(installed), finished_already=len(set(fs)) - len(installed)):
+            waiter.event.wait(timeout)
+    finally:
+        for f in installed:
+            remove_waiter(f, waiter)
+    done = {f for f in fs if f._state in _FINISHED_STATES}
+    return cf._base.DoneAndNotDoneFutures(done, set(fs) - done)
+
+
+_FINISHED_STATES = frozenset(
+    (cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED)
+)
+
+
+class _Waiter:
+    """Counts completions of the futures it was installed on (stdlib waiter protocol)."""
+
+    def __init__(self, return_when: str) -> None:
+        self.event = threading.Event()
+        self._lock = threading.Lock()
+        self._return_when = return_when
+        self._pending = 0  # installed futures not finished yet
+        self._armed = False
+
+    def arm(self, installed: int, finished_already: int) -> bool:
+        """Installation is over; True if there is something to wait for."""
+        with self._lock:
+            self._pending += installed
+            self._armed = True
+            if finished_already and self._return_when == FIRST_COMPLETED:
+                return False
+            if self._return_when == FIRST_EXCEPTION and finished_already:
+                return not self.event.is_set() and self._pending > 0
+            return self._pending > 0 and not self.event.is_set()
+
+    def add_result(self, fut: cf.Future) -> None:
+        self._finished(failed=False)
+
+    def add_exception(self, fut: cf.Future) -> None:
+        self._finished(failed=True)
+
+    def add_cancelled(self, fut: cf.Future) -> None:
+        self._finished(failed=False)
+
+    def _finished(self, failed: bool) -> None:
+        with self._lock:
+            self._pending -= 1
+            if (
+                self._return_when == FIRST_COMPLETED
+                or (failed and self._return_when == FIRST_EXCEPTION)
+                or (self._armed and self._pending <= 0)
+            ):
+                self.event.set()
 
 
 class as_completed(Iterator[cf.Future], AsyncIterator[cf.Future]):  # noqa: N801 - stdlib name
@@ -102,6 +163,8 @@ class as_completed(Iterator[cf.Future], AsyncIterator[cf.Future]):  # noqa: N801
     # --- async -------------------------------------------------------------------------------
 
     def __aiter__(self) -> as_completed:
+        import asyncio  # (imported lazily: it costs ~60 ms at start-up)
+
         loop = asyncio.get_running_loop()
         aqueue: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -119,6 +182,8 @@ class as_completed(Iterator[cf.Future], AsyncIterator[cf.Future]):  # noqa: N801
         if self._outstanding <= 0:
             raise StopAsyncIteration
         assert self._async is not None, "use `async for` (which calls __aiter__) first"
+        import asyncio
+
         remaining = None if self._end is None else max(0.0, self._end - time.monotonic())
         try:
             fut = await asyncio.wait_for(self._async[1].get(), remaining)

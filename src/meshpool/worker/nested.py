@@ -33,94 +33,16 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
-from collections.abc import Iterable
-from concurrent import futures as cf
-from typing import Any
+from typing import TYPE_CHECKING, TypeGuard
 
-from .. import messages as m
 from ..executor import future as _future
-from ..executor import graphs as _graphs
-from ..executor.executor import Executor
-from ..executor.future import wait_in_task
+from ..executor import graphs as _graphs  # (its import makes the cluster compute()'s default)
 from ..transport.security import Security
 from . import execution
-from .execution import current_task, current_task_priority, note_submission, wait_in_slot
+from .execution import current_task, current_task_priority, wait_in_slot
 
-
-class TaskExecutor(Executor):
-    """A client of the worker's own cluster whose tasks rank above the task submitting them;
-    or, made by :meth:`handle`, one task's view of that client."""
-
-    _shared: TaskExecutor | None = None  # set on a task's handle: the client it is a view of
-    _submitted: weakref.WeakSet | None = None  # a handle's own futures, for its shutdown()
-
-    def handle(self) -> TaskExecutor:
-        """A view for one task: this client's connection and I/O thread, its own shutdown."""
-        view = object.__new__(TaskExecutor)
-        view.__dict__.update(self.__dict__)  # the lock too: one FunctionCache, used under it
-        view._shutdown = False
-        view._context_tokens = []
-        view._shared = self
-        view._submitted = weakref.WeakSet()
-        return view
-
-    def _prepare(self, fn: Any, args: tuple, kwargs: dict, options: dict | None) -> tuple:
-        if options is None or "priority" not in options:
-            options = dict(options or {}, priority=child_priority())
-        note_submission()
-        prepared = super()._prepare(fn, args, kwargs, options)
-        if self._submitted is not None:
-            self._submitted.add(prepared[0])
-        return prepared
-
-    def get(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("priority", child_priority())
-        note_submission()
-        return super().get(dsk, keys, **kwargs)
-
-    def compute(self, obj: Any, *more: Any, priority: int | None = None) -> Any:
-        note_submission()
-        result = super().compute(
-            obj, *more, priority=child_priority() if priority is None else priority
-        )
-        if self._submitted is not None:
-            self._submitted.update(result if more else [result])
-        return result
-
-    def gather(self, futures: Iterable[cf.Future], timeout: float | None = None) -> list:
-        futures = list(futures)
-        timeout = wait_in_task(futures, timeout)  # Executor.gather waits with cf.wait
-        return super().gather(futures, timeout)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Close this handle, never the cluster (see the module docstring)."""
-        if self._submitted is None:  # the shared client (used outside tasks)
-            self._shutdown_client(wait, cancel_futures)
-            return
-        with self._shutdown_lock:
-            self._shutdown = True
-        own = [f for f in list(self._submitted) if not f.done()]
-        if cancel_futures:
-            for fut in own:
-                fut.cancel()
-        elif wait and own:
-            cf.wait(own, wait_in_task(own, None))
-
-    def _shutdown_client(self, wait: bool, cancel_futures: bool) -> None:
-        """Close the connection. Waiting for its pending tasks first gives the calling task's
-        slot back, like ``result()`` (the base class joins the I/O thread)."""
-        if wait and not cancel_futures and not self._shutdown and self._core.broken is None:
-            try:
-                self.barrier(self._core.timeout)  # the I/O thread has taken in every submit
-            except Exception:  # broken meanwhile: nothing left to wait for
-                pass
-            wait_in_task(list(self._core.pending.values()), None)
-        super().shutdown(wait, cancel_futures=cancel_futures)
-
-    def barrier(self, timeout: float | None) -> None:
-        """Return once the scheduler has handled everything this client sent so far."""
-        self._core.request(m.Ping, timeout)
+if TYPE_CHECKING:
+    from .task_executor import TaskExecutor
 
 
 def child_priority() -> int:
@@ -143,7 +65,7 @@ class TaskExecutorFactory:
         self._lock = threading.Lock()
         self._executor: TaskExecutor | None = None
 
-    def __call__(self) -> Executor:
+    def __call__(self) -> TaskExecutor:
         client = self._client()
         task = current_task()
         if task is None:
@@ -156,11 +78,13 @@ class TaskExecutorFactory:
     def _client(self) -> TaskExecutor:
         """The process's client; thread-safe; a new one if it was shut down or broke."""
         executor = self._executor
-        if executor is not None and _graphs._usable(executor):
+        if _usable(executor):
             return executor
         with self._lock:
             executor = self._executor
-            if executor is None or not _graphs._usable(executor):
+            if not _usable(executor):
+                from .task_executor import TaskExecutor  # a whole client: not loaded at start
+
                 executor = TaskExecutor(self.scheduler_address, security=self.security)
                 self._executor = executor
         return executor
@@ -168,7 +92,7 @@ class TaskExecutorFactory:
     def barrier(self, timeout: float | None) -> None:
         """The scheduler has seen this process's submissions (before a task frees its slot)."""
         executor = self._executor
-        if executor is not None and _graphs._usable(executor):
+        if _usable(executor):
             try:
                 executor.barrier(executor._core.timeout if timeout is None else timeout)
             except Exception:  # only an ordering hint: never fail the waiting task for it
@@ -181,3 +105,7 @@ def install(scheduler_address: str, security: Security | None) -> None:
     _graphs._task_executor = factory
     _future.task_wait_hook = wait_in_slot
     execution.submissions_barrier = factory.barrier
+
+
+def _usable(executor: TaskExecutor | None) -> TypeGuard[TaskExecutor]:
+    return executor is not None and not executor._shutdown and executor._core.broken is None
