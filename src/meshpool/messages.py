@@ -27,13 +27,34 @@ BATCH = "batch"  # the operation name of several messages sent as one (encode_ba
 
 
 def _register(cls: Any) -> Any:
-    cls = dataclass(slots=True)(cls)
-    names = [f.name for f in fields(cls) if f.name != "frames"]
+    # __eq__ and __repr__ are shared functions, not generated per class: generating them doubled
+    # the cost of making ~40 dataclasses, paid by every process at start-up
+    cls = dataclass(slots=True, eq=False, repr=False)(cls)
+    cls._fields = tuple(f.name for f in fields(cls))
+    cls.__eq__ = _eq
+    cls.__repr__ = _repr
+    cls.__hash__ = None  # as a dataclass with eq: mutable, unhashable
+    names = [name for name in cls._fields if name != "frames"]
     cls._header_fields = tuple(names)
     cls._getter = operator.attrgetter(*names) if names else None
-    cls._has_frames = any(f.name == "frames" for f in fields(cls))
+    cls._has_frames = "frames" in cls._fields
     _REGISTRY[cls.op] = cls
     return cls
+
+
+def _eq(self: Any, other: Any) -> Any:
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    return _values(self) == _values(other)
+
+
+def _repr(self: Any) -> str:
+    text = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+    return f"{type(self).__qualname__}({text})"
+
+
+def _values(msg: Any) -> tuple:
+    return tuple(getattr(msg, name) for name in msg._fields)
 
 
 if TYPE_CHECKING:  # type checkers see the dataclass (typed constructors, fields)
