@@ -175,6 +175,47 @@ def test_wait_timeout(ex, tmp_path, wait):
         assert done == {ok} and not_done == {gate.future}
 
 
+def test_meshpool_wait_and_as_completed_make_no_condition_per_future(ex, tmp_path):
+    """A Condition is most of a future's memory: meshpool.wait and as_completed make none
+    (the stdlib's wait makes one per future, which is why the drop-in keeps them lazy)."""
+    with Gate(ex, tmp_path, "slow") as gate:
+        fs = [ex.submit(tasks.inc, i) for i in range(200)]
+        done, not_done = meshpool.wait([*fs, gate.future], timeout=0.5)
+        assert gate.future in not_done
+        gate.release()
+        done, not_done = meshpool.wait([*fs, gate.future], timeout=LIVENESS)
+        assert not not_done and len(done) == 201
+    more = [ex.submit(tasks.inc, i) for i in range(200)]
+    assert sorted(f.result() for f in meshpool.as_completed(more, timeout=LIVENESS)) == list(
+        range(1, 201)
+    )
+    assert [f for f in [*fs, gate.future, *more] if f._cond is not None] == []
+    assert [f.result() for f in fs] == list(range(1, 201))
+
+
+@pytest.mark.parametrize("return_when", [cf.FIRST_COMPLETED, cf.FIRST_EXCEPTION])
+def test_meshpool_wait_returns_at_once_when_already_satisfied(ex, tmp_path, return_when):
+    with Gate(ex, tmp_path, "slow") as gate:
+        finished = ex.submit(tasks.fail if return_when == cf.FIRST_EXCEPTION else tasks.inc, 1)
+        meshpool.wait([finished], timeout=LIVENESS)
+        done, not_done = meshpool.wait(
+            [gate.future, finished], timeout=LIVENESS, return_when=return_when
+        )
+        assert done == {finished} and not_done == {gate.future}
+
+
+def test_meshpool_wait_sees_a_cancel(ex, tmp_path):
+    gates = occupy_all(ex, tmp_path)
+    try:
+        queued = ex.submit(tasks.inc, 1)
+        assert queued.cancel()
+        done, not_done = meshpool.wait([queued], timeout=LIVENESS)
+        assert done == {queued} and queued.cancelled()
+    finally:
+        for gate in gates:
+            gate.release()
+
+
 # --- done callbacks ----------------------------------------------------------------------------
 
 

@@ -312,6 +312,8 @@ def remove_waiter(fut: Future, waiter: Any) -> None:
             return
     with fut._condition:
         fut._waiters.remove(waiter)
+
+
 _CANCELLED_STATES = frozenset((_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED))
 
 _callback_queue: queue.SimpleQueue | None = None

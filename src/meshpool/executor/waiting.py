@@ -33,23 +33,36 @@ def wait(
     meanwhile."""
     fs = list(fs)
     timeout = wait_in_task(fs, timeout, return_when)
-    if not all(isinstance(f, Future) for f in fs):
+    unique = {f for f in fs if isinstance(f, Future)}
+    if len(unique) != len(set(fs)):
         return cf.wait(fs, timeout=timeout, return_when=return_when)
     waiter = _Waiter(return_when)
-    installed = [f for f in set(fs) if install_waiter(f, waiter)]
+    installed = [f for f in unique if install_waiter(f, waiter)]
     try:
-        if waiter.arm(len(installed), finished_already=len(set(fs)) - len(installed)):
+        if waiter.arm(
+            len(installed), _satisfied_already(unique.difference(installed), return_when)
+        ):
             waiter.event.wait(timeout)
     finally:
         for f in installed:
             remove_waiter(f, waiter)
-    done = {f for f in fs if f._state in _FINISHED_STATES}
-    return cf._base.DoneAndNotDoneFutures(done, set(fs) - done)
+    done: set = {f for f in unique if f._state in _FINISHED_STATES}
+    not_done: set = set(unique) - done
+    return cf._base.DoneAndNotDoneFutures(done, not_done)
 
 
 _FINISHED_STATES = frozenset(
     (cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED)
 )
+
+
+def _satisfied_already(finished: set, return_when: str) -> bool:
+    """Do futures finished before the wait began already end it?"""
+    if return_when == FIRST_COMPLETED:
+        return bool(finished)
+    if return_when == FIRST_EXCEPTION:
+        return any(not f.cancelled() and f._exception is not None for f in finished)
+    return False
 
 
 class _Waiter:
@@ -62,16 +75,12 @@ class _Waiter:
         self._pending = 0  # installed futures not finished yet
         self._armed = False
 
-    def arm(self, installed: int, finished_already: int) -> bool:
+    def arm(self, installed: int, satisfied: bool) -> bool:
         """Installation is over; True if there is something to wait for."""
         with self._lock:
-            self._pending += installed
+            self._pending += installed  # (completions so far have already counted down)
             self._armed = True
-            if finished_already and self._return_when == FIRST_COMPLETED:
-                return False
-            if self._return_when == FIRST_EXCEPTION and finished_already:
-                return not self.event.is_set() and self._pending > 0
-            return self._pending > 0 and not self.event.is_set()
+            return not satisfied and self._pending > 0
 
     def add_result(self, fut: cf.Future) -> None:
         self._finished(failed=False)
