@@ -72,22 +72,23 @@ def main() -> None:
         level=config.get("log_level", "WARNING"),
         format=f"%(asctime)s {config['name']} %(levelname)s %(name)s: %(message)s",
     )
-    from ..transport.security import Security
-    from . import nested
-    from .execution import MAX_REPLACEMENTS
-    from .server import Worker
-
-    security = Security.from_dict(config["security"]) if config.get("security") else None
     data_address = config["data_address"]
     cleanup = list(config.get("cleanup", []))
     if data_address.startswith("ipc://"):
         cleanup.append(data_address[len("ipc://") :])
+    # before the imports below: a parent shutting down while we still start sees us exit at once
     threading.Thread(
         target=_watch_parent,
         args=(cleanup, config.get("cleanup_dir")),
         name="meshpool-parent-watch",
         daemon=True,
     ).start()
+    from ..transport.security import Security
+    from . import nested
+    from .execution import MAX_REPLACEMENTS
+    from .server import Worker
+
+    security = Security.from_dict(config["security"]) if config.get("security") else None
     try:
         worker = Worker(
             config["scheduler"],
