@@ -81,6 +81,31 @@ def test_get_graph_of_twenty_thousand_tasks(ex):
     assert ex.get(dsk, "total") == sum(range(0, 20_000, 1000))
 
 
+def _fan_in_tree(tasks: int, fan_in: int = 4) -> tuple[dict, tuple, int]:
+    """About ``tasks`` tasks: leaves ``inc(i)``, summed ``fan_in`` at a time up to one root."""
+    leaves = tasks * (fan_in - 1) // fan_in
+    dsk: dict = {("leaf", i): (inc, i) for i in range(leaves)}
+    level = list(dsk)
+    depth = 0
+    while len(level) > 1:
+        depth += 1
+        nxt = []
+        for j in range(0, len(level), fan_in):
+            dsk[("sum", depth, j)] = (sum, level[j : j + fan_in])
+            nxt.append(("sum", depth, j))
+        level = nxt
+    return dsk, level[0], leaves * (leaves + 1) // 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_get_graph_of_two_hundred_thousand_tasks(ex):
+    """Hundreds of thousands of tasks in one graph (the issue's criterion; ~2 min on 2 cores)."""
+    dsk, root, expected = _fan_in_tree(200_000)
+    assert len(dsk) >= 200_000
+    assert ex.get(dsk, root) == expected
+
+
 # --- locality and worker-to-worker data -------------------------------------------------------
 
 

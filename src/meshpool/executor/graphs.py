@@ -66,7 +66,14 @@ def submit_graph(executor: Executor, dsk: Any, keys: Any, priority: int = 0) -> 
     batch = next(core.counter)
     refs: dict[Any, Any] = {}
     futures: dict[Any, Future] = {}
-    internal: list = []
+    # An internal key is released once every task that needs it has been submitted (batches
+    # go in dependency order): the scheduler forgets it as soon as those tasks are done, so a
+    # huge graph frees its intermediates while the rest of it is still being submitted.
+    unsubmitted = dict.fromkeys(graph, 0)  # dependents of each key not yet submitted
+    for ds in dependencies.values():
+        for d in ds:
+            unsubmitted[d] += 1
+    releasable: list = []
     rows: list = []
     frames: list = []
     new_futures: list[Future] = []
@@ -77,6 +84,10 @@ def submit_graph(executor: Executor, dsk: Any, keys: Any, priority: int = 0) -> 
             cluster_key = (token, key)
             deps = sorted(dependencies[key], key=repr)
             dep_refs = [refs[d] for d in deps]
+            for d in deps:
+                unsubmitted[d] -= 1
+                if not unsubmitted[d] and d not in wanted:
+                    releasable.append((token, d))
             row, task_frames = executor._prepare_task(
                 run_task,
                 (graph[key], deps, *dep_refs),
@@ -89,19 +100,21 @@ def submit_graph(executor: Executor, dsk: Any, keys: Any, priority: int = 0) -> 
             if key in wanted:
                 fut = refs[key] = futures[key] = Future(cluster_key, core)
                 new_futures.append(fut)
-            else:  # an internal key: no future; released once the whole graph is submitted
+            else:  # an internal key: no future; released once its dependents are submitted
                 refs[key] = KeyRef(cluster_key)
-                internal.append(cluster_key)
             rows.append(row)
             frames.extend(task_frames)
             batch_deps += len(row[1])
             if len(rows) >= GRAPH_BATCH or batch_deps >= BATCH_DEPENDENCIES:
                 core.command("submit", rows, frames, new_futures)
                 rows, frames, new_futures, batch_deps = [], [], [], 0
+                if releasable:
+                    core.command("release-many", releasable)
+                    releasable = []
         if rows:
             core.command("submit", rows, frames, new_futures)
-        if internal:
-            core.command("release-many", internal)
+        if releasable:
+            core.command("release-many", releasable)
     return futures
 
 
