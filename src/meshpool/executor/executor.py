@@ -34,6 +34,7 @@ from . import graphs as _graphs
 from .client import ClientCore
 from .future import Future
 from .waiting import as_completed as _as_completed
+from .waiting import wait as _wait
 
 LARGE_ARGUMENTS = 64 * 1024  # arguments bigger than this go straight to a worker as data
 SUBMIT_BATCH = 1000  # tasks per message when map() submits many
@@ -165,7 +166,7 @@ class Executor(cf.Executor):
     def gather(self, futures: Iterable[cf.Future], timeout: float | None = None) -> list:
         """Results of many futures, large ones fetched from the workers in one round."""
         futures = list(futures)
-        cf.wait(futures, timeout=timeout)
+        _wait(futures, timeout=timeout)  # (inside a task: gives the slot back meanwhile)
         remote = [f.key for f in futures if isinstance(f, Future) and _is_remote(f)]
         if remote:
             frames = self._core.fetch_many(remote).result(timeout)
