@@ -1,0 +1,219 @@
+"""The scheduler's records: one TaskState per key, one WorkerState per worker, and the
+bookkeeping of cancels and recalls in flight. Plain data; the rules live in the mixins
+(``transitions``, ``placement``, ``recalls``, ``retirement``) that ``state.SchedulerState`` joins.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Set as AbstractSet
+from typing import Any, TypeVar
+
+from .. import messages as m
+
+Outgoing = list  # list[tuple[peer_id, message]]
+
+WAITING, READY, PROCESSING, MEMORY, ERRED, CANCELLED, NO_WORKER = (
+    "waiting",
+    "ready",
+    "processing",
+    "memory",
+    "erred",
+    "cancelled",
+    "no-worker",
+)
+_FINISHED = (MEMORY, ERRED, CANCELLED)
+
+
+_T = TypeVar("_T")
+_EMPTY: frozenset = frozenset()  # every TaskState set starts as this one (no memory per task)
+
+
+def _with(items: AbstractSet[_T], item: _T) -> set[_T]:
+    """``items`` plus ``item``: a real set from the shared empty one on first add."""
+    if items is _EMPTY:
+        return {item}
+    assert isinstance(items, set)
+    items.add(item)
+    return items
+
+
+def _without(items: AbstractSet[_T], item: _T) -> AbstractSet[_T]:
+    """``items`` less ``item``; back to the shared empty set when nothing is left."""
+    if not items:
+        return _EMPTY
+    assert isinstance(items, set)
+    items.discard(item)
+    return items or _EMPTY
+
+
+class InvalidTransition(RuntimeError):
+    """The state machine was asked for a move its rules do not allow (a bug, not bad input)."""
+
+
+class TaskState:
+    __slots__ = (
+        "key",
+        "state",
+        "spec",
+        "dependencies",
+        "dependents",
+        "waiting_on",
+        "waiters",
+        "who_has",
+        "processing_on",
+        "priority",
+        "nbytes",
+        "wanted_by",
+        "options",
+        "error",
+        "retries_left",
+        "suspicious",
+        "slot",
+        "restrictions",
+        "recall",
+    )
+
+    def __init__(self, key: Any, spec: list | None, priority: Any, options: dict | None) -> None:
+        self.key = key
+        self.state = WAITING
+        self.spec = spec  # opaque frames; None for scattered data (no lineage)
+        self.dependencies: tuple[TaskState, ...] = ()
+        # (the sets start as the shared empty frozenset and become sets when something is added,
+        # see _with / _without: five empty sets were half of a held task's memory)
+        self.dependents: AbstractSet[TaskState] = _EMPTY
+        self.waiting_on: AbstractSet[TaskState] = _EMPTY  # dependencies not yet in memory
+        self.waiters: AbstractSet[TaskState] = _EMPTY  # dependents not yet finished
+        self.who_has: AbstractSet[WorkerState] = _EMPTY
+        self.processing_on: WorkerState | None = None
+        self.priority = priority
+        self.nbytes = 0
+        self.wanted_by: AbstractSet[str] = _EMPTY
+        self.options = options
+        self.error: list | None = None
+        self.retries_left = (options or {}).get("retries", 0) or 0
+        self.suspicious = 0
+        self.slot = -1
+        self.restrictions = _restrictions(options)
+        self.recall: _Recall | None = None  # asked the worker to take it back; no answer yet
+
+    def __repr__(self) -> str:
+        return f"<TaskState {self.key!r} {self.state}>"
+
+
+class _CancelRequest:
+    """A client's CancelKeys, answered once every worker asked about its keys has replied."""
+
+    __slots__ = ("client_id", "request_id", "cancelled", "outstanding")
+
+    def __init__(self, client_id: str, request_id: int) -> None:
+        self.client_id = client_id
+        self.request_id = request_id
+        self.cancelled: list = []
+        self.outstanding = 0
+
+
+class _Recall:
+    """A task queued on a slot that we asked the worker to take back (CancelCompute).
+
+    ``cancel``: a client cancels it; else it is being stolen for ``thief`` (worker id, slot).
+    ``started``: the worker answered that it had started the task. The recall then stays, as a
+    note that the task is executing: it is not asked about again (steal retries would ping-pong
+    until the previous task's ComputeDone arrives) and is blamed if the worker dies.
+    """
+
+    __slots__ = ("cancel", "thief", "requests", "started")
+
+    def __init__(self, cancel: bool, thief: tuple[str, int] | None = None) -> None:
+        self.cancel = cancel
+        self.thief = thief
+        self.requests: list[_CancelRequest] = []
+        self.started = False
+
+
+def _restrictions(options: dict | None) -> tuple | None:
+    if not options:
+        return None
+    workers = options.get("workers")
+    resources = options.get("resources")
+    if not workers and not resources:
+        return None
+    return (frozenset(workers) if workers else None, dict(resources) if resources else None)
+
+
+class WorkerState:
+    __slots__ = (
+        "id",
+        "name",
+        "address",
+        "nthreads",
+        "memory_limit",
+        "resources",
+        "used_resources",
+        "processing",
+        "slots",
+        "blocked",
+        "blocked_count",
+        "ready_slots",
+        "has_what",
+        "nbytes",
+        "waiting_nbytes",
+        "pid",
+        "versions",
+        "retiring",
+        "handoff",
+    )
+
+    def __init__(self, msg: m.RegisterWorker) -> None:
+        self.id = msg.worker_id
+        self.name = msg.name
+        self.address = msg.data_address
+        self.nthreads = max(1, int(msg.nthreads))
+        self.memory_limit = msg.memory_limit
+        self.resources = dict(msg.resources or {})
+        self.used_resources: dict[str, float] = {}
+        self.processing: set[TaskState] = set()
+        self.slots: list[deque[TaskState]] = [deque() for _ in range(self.nthreads)]
+        self.blocked: set[TaskState] = set()  # executing, but waiting on other tasks (no room)
+        self.blocked_count = [0] * self.nthreads  # of those, per slot
+        self.ready_slots: list[int] = []
+        self.has_what: set[TaskState] = set()
+        self.nbytes = 0
+        self.waiting_nbytes = 0  # of ``nbytes``, results some pending task still needs
+        self.pid = msg.pid
+        self.retiring: list | None = None  # None, or the (client, request) waiting on it
+        self.handoff: set = set()  # keys asked to be copied elsewhere while retiring
+        self.versions = msg.versions
+
+    def __repr__(self) -> str:
+        return f"<WorkerState {self.name} {len(self.processing)} processing>"
+
+    def info(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "address": self.address,
+            "nthreads": self.nthreads,
+            "memory_limit": self.memory_limit,
+            "resources": dict(self.resources),
+            "processing": len(self.processing),
+            "executing": sum(1 for q in self.slots if q) + len(self.blocked),
+            "keys": len(self.has_what),
+            "nbytes": self.nbytes,
+            "pid": self.pid,
+        }
+
+
+def _error_frames(kind: str, detail: Any) -> list:
+    """Exception frames built from builtins only: the caller's side rebuilds meshpool's class."""
+    from ..transport.header import dumps_header
+
+    return [dumps_header(("meshpool-error", kind, detail))]
+
+
+def _missing_dependency_error(key: Any, dep_key: Any) -> list:
+    return _error_frames(
+        "KeyError",
+        f"task {key!r} depends on {dep_key!r}, which the scheduler does not know "
+        "(released or never submitted)",
+    )
