@@ -34,6 +34,7 @@ SIZES = {
     "w2w": {"mb": (200, 20)},
     "startup": {},
     "memory": {"tasks": (100_000, 10_000)},
+    "graph_scale": {"small": (30_000, 3_000), "large": (300_000, 30_000)},
 }
 
 # metric key -> (workload, row label, unit, higher_is_better)
@@ -51,6 +52,7 @@ METRICS = {
     "startup": ("startup", "startup", "s", False),
     "memory": ("memory", "memory held", "bytes/task", False),
     "memory_returned": ("memory", "memory returned", "%", True),
+    "graph_scale": ("graph_scale", "graph 10x tasks: time ratio", "x", False),
 }
 
 WORKLOADS = list(SIZES)
@@ -72,7 +74,13 @@ def sizes_for(workload: str, quick: bool, scale: float = 1.0) -> dict:
     return size
 
 
+# Workloads that run a dict graph through ``Executor.get`` (meshpool's API only).
+MESHPOOL_ONLY = {"graph_scale"}
+
+
 def applicable(system: str, workload: str) -> bool:
+    if workload in MESHPOOL_ONLY:
+        return system == "meshpool"
     if workload in NEEDS_FUTURE_ARGS:
         return systems_mod.FUTURE_ARGS[system]
     return True
@@ -304,6 +312,50 @@ def memory(system, size):
     return {"memory": grown / n, "memory_returned": returned}, extra
 
 
+def _fan_in_graph(n: int, fan_in: int = 4) -> tuple[dict, tuple]:
+    """A reduction tree of about ``n`` tasks: leaves, then ``sum`` over ``fan_in`` at a time."""
+    leaves = max(1, n * (fan_in - 1) // fan_in)
+    dsk: dict = {("leaf", i): (tasks.leaf, i) for i in range(leaves)}
+    level = [("leaf", i) for i in range(leaves)]
+    depth = 0
+    while len(level) > 1:
+        depth += 1
+        nxt = []
+        for j in range(0, len(level), fan_in):
+            key = ("sum", depth, j // fan_in)
+            dsk[key] = (sum, level[j : j + fan_in])
+            nxt.append(key)
+        level = nxt
+    return dsk, level[0]
+
+
+def graph_scale(system, size):
+    """One ``Executor.get`` of a graph of N tasks and of 10 N: does cost grow linearly?
+
+    Timed: submitting the graph (ordering, culling, pickling) through to the result.
+    """
+    warmup(system)
+    times = {}
+    tasks_in = {}
+    for label in ("small", "large"):
+        dsk, root = _fan_in_graph(size[label])
+        leaves = sum(1 for k in dsk if k[0] == "leaf")
+        gc.collect()
+        t0 = time.perf_counter()
+        r = system.ex.get(dsk, root)
+        times[label] = time.perf_counter() - t0
+        assert r == leaves * (leaves - 1) // 2, r
+        tasks_in[label] = len(dsk)
+        del dsk
+    ratio = times["large"] / times["small"]
+    extra = {
+        "tasks": tasks_in,
+        "elapsed_s": times,
+        "us_per_task": {k: times[k] / tasks_in[k] * 1e6 for k in times},
+    }
+    return {"graph_scale": ratio}, extra
+
+
 FUNCS = {
     "throughput": throughput,
     "latency": latency,
@@ -315,5 +367,6 @@ FUNCS = {
     "data_out": data_out,
     "w2w": w2w,
     "memory": memory,
+    "graph_scale": graph_scale,
     # "startup" is measured by run.py around a whole subprocess.
 }
