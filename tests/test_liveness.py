@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -168,7 +169,9 @@ def test_frozen_worker_is_removed_and_restarted_on_thaw(cli_cluster, tmp_path):
             "a fresh worker from the victim's nanny",
         )
         wait_until(lambda: _exited(victim["pid"]), START_TIMEOUT, "the thawed worker's exit")
-        assert "was removed and is back" in _log(procs, "scheduler")
+        log = _log(procs, "scheduler")
+        assert "was removed and is back" in log, log
+        assert "from unregistered peer" not in log, log  # what its slots sent after the thaw
         fresh = _by_name(ex)["wa-0"]["pid"]
         later = ex.options(workers=["wa-0"]).submit(square_marked, 7, str(marks), 0).result(60)
         assert later == (49, fresh)
@@ -201,3 +204,139 @@ def test_task_holding_the_gil_is_not_taken_for_a_dead_worker(cli_cluster):
         assert report["pid"] in {w["pid"] for w in ex.workers()}
         assert "removed" not in _log(procs, "scheduler")
         assert ex.submit(pow, 3, 4).result(timeout=60) == 81
+
+
+# --- a scheduler that vanishes (SIGKILL), and one that comes back on the same address ---------
+
+
+class Restartable:
+    """A secured ``meshpool scheduler`` on a fixed port, which the test kills and starts again,
+    and one worker nanny (two worker processes) with ``--scheduler-silence silence``."""
+
+    def __init__(self, procs: netns.Processes, keys: Path) -> None:
+        self.procs = procs
+        self.keys = keys
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.schedulers: list[subprocess.Popen] = []
+
+    def start_scheduler(self) -> subprocess.Popen:
+        name = f"scheduler{len(self.schedulers)}"
+        argv = ["scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
+        proc = self.procs.start(name, netns.meshpool_command(*argv, "--security", str(self.keys)))
+        self.procs.wait_for_output(proc, r"meshpool scheduler at", START_TIMEOUT)
+        self.schedulers.append(proc)
+        return proc
+
+    def kill_scheduler(self) -> None:
+        proc = self.schedulers[-1]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=START_TIMEOUT)
+
+    def start_nanny(self, silence: float) -> subprocess.Popen:
+        argv = ["worker", self.address, "--security", str(self.keys), "--nworkers", "2"]
+        argv += ["--name", "n", "--scheduler-silence", str(silence)]
+        nanny = self.procs.start("nanny", netns.meshpool_command(*argv))
+        self.procs.wait_for_output(nanny, r"meshpool worker: \d+ process", START_TIMEOUT)
+        return nanny
+
+    def worker_pids(self) -> set[int]:
+        import meshpool
+
+        with meshpool.Executor(self.address, security=str(self.keys), timeout=START_TIMEOUT) as ex:
+            ex.wait_for_workers(2, timeout=START_TIMEOUT)
+            return {w["pid"] for w in ex.workers()}
+
+
+@pytest.fixture
+def restartable(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = netns.process_env(str(home), MESHPOOL_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT))
+    procs = netns.Processes(tmp_path, env)
+    keys = tmp_path / "keys"
+    subprocess.run(
+        netns.meshpool_command("keygen", str(keys)), env=env, check=True, capture_output=True
+    )
+    monkeypatch.setenv("MESHPOOL_HOME", str(home))
+    monkeypatch.setenv("MESHPOOL_HEARTBEAT_TIMEOUT", str(HEARTBEAT_TIMEOUT))
+    try:
+        yield Restartable(procs, keys)
+    finally:
+        procs.stop()
+
+
+def test_workers_and_their_nanny_exit_when_the_scheduler_is_gone(restartable):
+    silence = 3.0
+    restartable.start_scheduler()
+    nanny = restartable.start_nanny(silence)
+    workers = restartable.worker_pids()
+    restartable.kill_scheduler()
+    lost_at = time.monotonic()
+    assert nanny.wait(timeout=START_TIMEOUT) == 1
+    print(f"nanny exited {time.monotonic() - lost_at:.1f} s after the scheduler", file=sys.stderr)
+    wait_until(lambda: all(_exited(pid) for pid in workers), START_TIMEOUT, "the workers' exit")
+    log = _log(restartable.procs, "nanny")
+    assert f"no word from the scheduler for {silence:g} s" in log, log
+    assert "lost the scheduler at" in log, log
+
+
+def test_workers_rejoin_a_scheduler_restarted_on_their_address(restartable, tmp_path):
+    import meshpool
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    restartable.start_scheduler()
+    nanny = restartable.start_nanny(START_TIMEOUT)  # the silence limit is never reached here
+    before = restartable.worker_pids()
+    restartable.kill_scheduler()
+    restartable.start_scheduler()
+    # the old workers reconnect, are unknown to the new scheduler, and are told to restart:
+    # their nanny starts fresh ones, which register
+    keys = str(restartable.keys)
+    with meshpool.Executor(restartable.address, security=keys, timeout=START_TIMEOUT) as ex:
+        wait_until(
+            lambda: len({w["pid"] for w in ex.workers()} - before) == 2,
+            START_TIMEOUT,
+            "two fresh workers",
+        )
+        fresh = {w["pid"] for w in ex.workers()}
+        results = ex.map(square_marked, range(8), [str(marks)] * 8, [0] * 8)
+        assert [r[0] for r in results] == [i * i for i in range(8)]
+        assert {r[1] for r in results} <= fresh
+    wait_until(lambda: all(_exited(pid) for pid in before), START_TIMEOUT, "the old workers' exit")
+    assert "unknown worker" in _log(restartable.procs, "scheduler1")
+    assert nanny.poll() is None  # the nanny carries on
+
+
+def test_results_from_slots_of_unknown_workers_are_dropped_quietly(tmp_path):
+    """A removed worker that comes back (or an earlier scheduler's) may still deliver what its
+    slots finished: routine, so logged at debug; a peer that never said who it is, a warning."""
+    import zmq
+
+    from meshpool import messages as m
+
+    procs = netns.Processes(tmp_path, netns.process_env(str(tmp_path / "home")))
+    context = zmq.Context()
+    try:
+        argv = ["scheduler", "--host", "127.0.0.1", "--port", "0", "--insecure"]
+        scheduler = procs.start("scheduler", netns.meshpool_command(*argv, "--log-level", "DEBUG"))
+        found = procs.wait_for_output(scheduler, r"meshpool scheduler at (tcp://\S+)", 60)
+        for identity in ("ghost-1/0", "stranger"):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.setsockopt(zmq.IDENTITY, identity.encode())
+            sock.connect(found.group(1))
+            sock.send_multipart(m.encode(m.ComputeDone("k", 1, False, 0.1)))
+        procs.wait_for_output(scheduler, r"from unregistered peer 'stranger'", START_TIMEOUT)
+        procs.wait_for_output(
+            scheduler, r"from 'ghost-1/0', a worker not registered here", START_TIMEOUT
+        )
+        lines = _log(procs, "scheduler").splitlines()
+        assert any("WARNING" in line and "'stranger'" in line for line in lines), lines
+        assert all("DEBUG" in line for line in lines if "ghost-1/0" in line), lines
+    finally:
+        context.destroy(linger=0)
+        procs.stop()

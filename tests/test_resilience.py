@@ -1,18 +1,23 @@
-"""Resilience: memory limits, bounded lineage, a vanished scheduler, failure types apart."""
+"""Resilience: memory limits (also under the CLI nanny), bounded lineage, a vanished scheduler,
+failure types apart."""
 
 from __future__ import annotations
 
 import gc
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import netns
 import pytest
+from helpers import LIVENESS
 from tasks import big, getpid, inc
 
 import meshpool
+from meshpool.cluster.local import MAX_FAILED_STARTS
 
 
 def hog(megabytes: int) -> int:
@@ -33,6 +38,89 @@ def test_memory_limit_restarts_the_worker_and_a_poison_task_becomes_killed_worke
             ex.submit(hog, 500).result(timeout=120)
         assert ex.submit(getpid).result(timeout=60) != first  # restarted, still serving
         assert ex.submit(inc, 1).result(timeout=30) == 2
+
+
+# --- the CLI nanny (`meshpool worker`): restarts vs. failed starts ----------------------------
+
+
+@pytest.fixture
+def cli_scheduler(tmp_path, monkeypatch):
+    """A secured ``meshpool scheduler``; yields (address, credentials, netns.Processes)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = netns.process_env(str(home))
+    procs = netns.Processes(tmp_path, env)
+    keys = tmp_path / "keys"
+    subprocess.run(
+        netns.meshpool_command("keygen", str(keys)), env=env, check=True, capture_output=True
+    )
+    monkeypatch.setenv("MESHPOOL_HOME", str(home))
+    try:
+        scheduler = procs.start(
+            "scheduler",
+            netns.meshpool_command(
+                "scheduler", "--host", "127.0.0.1", "--port", "0", "--security", str(keys)
+            ),
+        )
+        found = procs.wait_for_output(scheduler, r"meshpool scheduler at (tcp://\S+)", LIVENESS)
+        yield found.group(1), keys, procs
+    finally:
+        procs.stop()
+
+
+@pytest.mark.timeout(180)
+def test_cli_worker_over_its_memory_limit_is_restarted_every_time(cli_scheduler):
+    """Deaths of workers that had registered are no failed starts: the nanny restarts the
+    worker more than MAX_FAILED_STARTS times, the poison tasks end as KilledWorker, and the
+    restarted worker still serves."""
+    address, keys, procs = cli_scheduler
+    nanny = procs.start(
+        "nanny",
+        netns.meshpool_command(
+            "worker", address, "--security", str(keys), "--name", "m", "--memory-limit", "100MB"
+        ),
+    )
+    with meshpool.Executor(address, security=str(keys), timeout=LIVENESS) as ex:
+        ex.wait_for_workers(1, timeout=LIVENESS)
+        poison = [ex.submit(hog, 300) for _ in range(2)]  # 3 deaths each
+        for future in poison:
+            with pytest.raises(meshpool.KilledWorker):
+                future.result(timeout=120)
+        assert ex.submit(inc, 1).result(timeout=LIVENESS) == 2
+        log = (procs.logs / "nanny.log").read_text(errors="replace")
+        assert log.count("exceeds the limit") >= 6, log
+        assert nanny.poll() is None, log  # carried on: none of these was a failed start
+        assert "failed to start" not in log
+
+
+@pytest.mark.timeout(120)
+def test_cli_worker_that_cannot_start_makes_its_nanny_give_up(cli_scheduler):
+    address, keys, procs = cli_scheduler
+    # a bare worker takes more than 1 MB: every start fails before registering
+    nanny = procs.start(
+        "tiny",
+        netns.meshpool_command("worker", address, "--security", str(keys), "--memory-limit", "1MB"),
+    )
+    assert nanny.wait(timeout=LIVENESS * 2) == 1
+    log = (procs.logs / "tiny.log").read_text(errors="replace")
+    assert log.count("exceeds the limit") == MAX_FAILED_STARTS, log
+    assert "failed to start 3 times in a row" in log, log
+    # nothing listens there: no scheduler ever answers, and the nanny says so
+    nowhere = procs.start(
+        "nowhere",
+        netns.meshpool_command(
+            "worker", f"tcp://127.0.0.1:{_free_port()}", "--insecure", "--scheduler-silence", "2"
+        ),
+    )
+    assert nowhere.wait(timeout=LIVENESS * 2) == 1
+    log = (procs.logs / "nowhere.log").read_text(errors="replace")
+    assert "no answer from a scheduler at" in log, log
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _kill_worker(ex, name: str) -> None:

@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import uuid
 
 from ._version import __version__
@@ -73,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         default=float(_env("retire_timeout", "60") or 60),
         help="seconds to hand off data on SIGTERM before stopping anyway",
     )
+    work.add_argument(
+        "--scheduler-silence",
+        type=float,
+        default=float(_env("scheduler_silence", "30") or 30),
+        help="seconds without word from the scheduler before the workers (and this) exit",
+    )
     work.add_argument("--log-level", default=_env("log_level", "INFO"))
 
     keygen = sub.add_parser("keygen", help="write a cluster's credentials into DIR")
@@ -131,23 +136,24 @@ def _worker(args: argparse.Namespace) -> int:
     security = None
     if not args.insecure:
         security = sec.client_credentials(args.security, args.address)
-    from .worker.server import CREDENTIALS_REFUSED, RESTART_ME
+    from .worker.server import CREDENTIALS_REFUSED, SCHEDULER_LOST
 
     stop = threading.Event()
-    restart_failed = threading.Event()
-    refused = threading.Event()
+    gave_up: list[str] = []  # why we stop on our own (see _give_up_message)
+
+    def give_up(why: str) -> None:
+        if not gave_up:
+            gave_up.append(why)
+        stop.set()
 
     def on_exit(worker_id: str, code: int) -> None:
         if code == CREDENTIALS_REFUSED:  # retrying cannot help
-            refused.set()
-            restart_failed.set()
-            stop.set()
-            return
-        if code == RESTART_ME:  # it had registered: removed after going silent, not a failed start
-            workers.registered(worker_id)
-        if not stop.is_set() and not workers.exited(worker_id):
-            restart_failed.set()
-            stop.set()
+            give_up("refused")
+        elif code == SCHEDULER_LOST:  # the scheduler is gone for all our workers alike
+            started = workers.processes.get(worker_id)
+            give_up("lost" if started is not None and started.registered else "unreachable")
+        elif not stop.is_set() and not workers.exited(worker_id):
+            give_up("failing")
 
     resources = {}
     for item in (args.resources or "").split(","):
@@ -169,6 +175,7 @@ def _worker(args: argparse.Namespace) -> int:
             "resources": resources,
             "contact_address": args.contact_address,
             "log_level": args.log_level,
+            "scheduler_silence": args.scheduler_silence,
         },
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -178,24 +185,36 @@ def _worker(args: argparse.Namespace) -> int:
     while not stop.wait(0.5):
         pass
     # retire gracefully: results move to the remaining workers before these exit
-    workers.close(graceful=0.0 if restart_failed.is_set() else args.retire_timeout)
-    if refused.is_set():
-        what = (
-            "refused our credentials"
-            if security is not None
-            else "refused us: it requires credentials"
-        )
-        print(
-            f"meshpool worker: the scheduler at {args.address} {what} "
-            "(use the cluster's: --security DIR or MESHPOOL_SECURITY)",
-            file=sys.stderr,
-        )
+    workers.close(graceful=0.0 if gave_up else args.retire_timeout)
+    if gave_up:
+        print(_give_up_message(gave_up[0], args, security is not None), file=sys.stderr)
         return 1
-    if restart_failed.is_set():
-        print("meshpool worker: worker processes keep failing to start", file=sys.stderr)
-        return 1
-    time.sleep(0)
     return 0
+
+
+def _give_up_message(why: str, args: argparse.Namespace, secured: bool) -> str:
+    if why == "refused":
+        what = "refused our credentials" if secured else "refused us: it requires credentials"
+        return (
+            f"meshpool worker: the scheduler at {args.address} {what} "
+            "(use the cluster's: --security DIR or MESHPOOL_SECURITY)"
+        )
+    if why == "lost":
+        return (
+            f"meshpool worker: lost the scheduler at {args.address} "
+            f"(no word from it for {args.scheduler_silence:g} s); exiting"
+        )
+    if why == "unreachable":
+        return (
+            f"meshpool worker: no answer from a scheduler at {args.address} "
+            f"within {args.scheduler_silence:g} s; exiting"
+        )
+    from .cluster.local import MAX_FAILED_STARTS
+
+    return (
+        f"meshpool worker: worker processes failed to start {MAX_FAILED_STARTS} times in a row "
+        "(see their output above); exiting"
+    )
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ Shared-memory files (``transport/shm.py``) a worker made that nobody took in are
 exits (by the worker, or here, when it was killed) and when the cluster stops.
 
 One waiter thread per process reports its exit through ``on_exit``; the owner (the client's I/O
-thread) tells the scheduler and calls :meth:`LocalWorkers.restart`. A worker that dies before it
-ever registered counts as a failed start; :data:`MAX_FAILED_STARTS` in a row break the cluster.
+thread, or the ``meshpool worker`` nanny) tells the scheduler and calls :meth:`LocalWorkers.exited`,
+which starts a fresh one. A worker that dies before it ever registered counts as a failed start;
+:data:`MAX_FAILED_STARTS` in a row break the cluster. A worker tells us itself that it registered:
+it writes a line on a pipe (``status_fd`` in its config) and closes it, so a worker that registered
+and then died, however often (killed, over its memory limit), never counts as a failed start.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ..transport import shm
 
 MAX_FAILED_STARTS = 3  # consecutive workers dying before registering: stop retrying
 STOP_TIMEOUT = 5.0  # seconds a closing worker gets before it is killed
+STATUS_TIMEOUT = 1.0  # seconds an exited worker's status line may still take to be read
 
 
 @dataclass
@@ -83,6 +87,35 @@ class LocalWorkers:
         self._generation += 1
         worker_id = f"{self.prefix}-{index}-{self._generation}"
         name = f"{self.name_prefix}-{index}"
+        status_read, status_write = os.pipe()
+        try:
+            process = _popen_worker(status_write)
+        except BaseException:
+            os.close(status_read)
+            raise
+        finally:
+            os.close(status_write)  # the worker's copy is the only one: its exit is our EOF
+        assert process.stdin is not None
+        config = self._config(worker_id, name, status_write)
+        process.stdin.write(json.dumps(config).encode() + b"\n")
+        process.stdin.flush()
+        wp = WorkerProcess(index, worker_id, name, process)
+        with self._lock:
+            self.processes[worker_id] = wp
+        status = threading.Thread(
+            target=self._read_status,
+            args=(wp, status_read),
+            name=f"meshpool-status-{name}",
+            daemon=True,
+        )
+        status.start()
+        threading.Thread(
+            target=self._wait, args=(wp, status), name=f"meshpool-wait-{name}", daemon=True
+        ).start()
+        return wp
+
+    def _config(self, worker_id: str, name: str, status_fd: int) -> dict:
+        """The worker's configuration (its stdin's first line)."""
         config = {
             "scheduler": self.scheduler_address,
             "worker_id": worker_id,
@@ -91,6 +124,7 @@ class LocalWorkers:
             "memory_limit": self.memory_limit or 0,
             "sys_path": [p for p in sys.path if p],
             "cwd": os.getcwd(),
+            "status_fd": status_fd,  # its number in the worker (pass_fds keeps it)
             **self.extra_config,
         }
         if self.data_host is None:
@@ -99,37 +133,33 @@ class LocalWorkers:
             config["cleanup_dir"] = self.directory
         else:
             config["data_address"] = f"tcp://{self.data_host}:0"
-        kwargs: dict = {}
-        if sys.version_info >= (3, 11):
-            kwargs["process_group"] = 0
-        else:  # pragma: no cover - Python 3.10
-            kwargs["start_new_session"] = True
-        process = subprocess.Popen(
-            [sys.executable, "-m", "meshpool.worker"],
-            stdin=subprocess.PIPE,
-            close_fds=True,
-            env=_worker_environment(),
-            **kwargs,
-        )
-        assert process.stdin is not None
-        process.stdin.write(json.dumps(config).encode() + b"\n")
-        process.stdin.flush()
-        wp = WorkerProcess(index, worker_id, name, process)
-        with self._lock:
-            self.processes[worker_id] = wp
-        threading.Thread(
-            target=self._wait, args=(wp,), name=f"meshpool-wait-{name}", daemon=True
-        ).start()
-        return wp
+        return config
 
-    def _wait(self, wp: WorkerProcess) -> None:
+    def _read_status(self, wp: WorkerProcess, fd: int) -> None:
+        """The worker's one line (``registered``), or end-of-file when it exits before."""
+        try:
+            line = os.read(fd, 64)
+        except OSError:
+            line = b""
+        finally:
+            os.close(fd)
+        if line.startswith(b"registered"):
+            self._started(wp)
+
+    def _wait(self, wp: WorkerProcess, status: threading.Thread) -> None:
         code = wp.process.wait()
+        status.join(STATUS_TIMEOUT)  # a worker that registered and died at once counts as such
         shm.remove_orphans()  # shared-memory files it made that nobody took in
         self.on_exit(wp.worker_id, code)
 
     def registered(self, worker_id: str) -> None:
         wp = self.processes.get(worker_id)
         if wp is not None:
+            self._started(wp)
+
+    def _started(self, wp: WorkerProcess) -> None:
+        """``wp`` registered: a successful start, which ends a run of failed ones."""
+        with self._lock:
             wp.registered = True
             self.failed_starts = 0
 
@@ -191,6 +221,23 @@ def _wait_all(procs: list[WorkerProcess], seconds: float, kill: bool) -> None:
             if kill:
                 wp.process.kill()
                 wp.process.wait()
+
+
+def _popen_worker(status_fd: int) -> subprocess.Popen:
+    """A fresh worker interpreter in its own process group, inheriting ``status_fd``."""
+    kwargs: dict = {}
+    if sys.version_info >= (3, 11):
+        kwargs["process_group"] = 0
+    else:  # pragma: no cover - Python 3.10
+        kwargs["start_new_session"] = True
+    return subprocess.Popen(
+        [sys.executable, "-m", "meshpool.worker"],
+        stdin=subprocess.PIPE,
+        close_fds=True,
+        pass_fds=(status_fd,),
+        env=_worker_environment(),
+        **kwargs,
+    )
 
 
 def _worker_environment() -> dict[str, str]:

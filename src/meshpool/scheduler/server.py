@@ -16,8 +16,9 @@ closes it), and also when the peer's host vanishes without closing anything (pow
 partition, a frozen process): ZMTP heartbeats (``transport/sockets.py``) close a connection that
 stays silent for the heartbeat timeout. A worker removed while it had been silent that long
 *vanished*: its running tasks are rescheduled without blame (KilledWorker counts crashes, and
-silence is not one). A removed worker that comes back (partition healed, SIGCONT) is told to
-leave (``CloseWorker(restart=True)``) and its nanny starts a fresh one. Silence alone, with the
+silence is not one). A removed worker that comes back (partition healed, SIGCONT), or one of a
+former scheduler on this address, is told to leave (``CloseWorker(restart=True)``) and its nanny
+starts a fresh one; what its slots still send is dropped (at debug level). Silence alone, with the
 connection up, only marks a worker unresponsive (:data:`UNRESPONSIVE_AFTER`): a task may hold
 the GIL for minutes while libzmq keeps answering heartbeats.
 """
@@ -47,6 +48,7 @@ PING_INTERVAL = 0.5  # seconds between liveness pings to every peer
 UNRESPONSIVE_AFTER = 60.0  # a worker silent this long is reported unresponsive (not dead)
 MAX_BATCH = 2000  # messages handled per readiness event before others get a turn
 VANISHED_SILENCE = 0.9  # a dropped worker silent this share of the heartbeat timeout vanished
+REMEMBER_REMOVED = 10_000  # removed worker ids kept, to say "removed and back" when one returns
 
 
 class SchedulerServer:
@@ -75,6 +77,7 @@ class SchedulerServer:
         self._holding = 0  # > 0 inside hold()/release(): messages to peers wait in _held
         self._held: dict[str, list] = {}
         self._hosts: dict[str, str] = {}  # worker id -> shared-memory host key (transport/shm.py)
+        self._removed: dict[str, None] = {}  # the latest removed worker ids, oldest first
         self.bytes_received = 0
         self.bytes_sent = 0
         self.on_worker_removed: Callable[[str, str], None] | None = None
@@ -100,6 +103,9 @@ class SchedulerServer:
         self._handle_client(self.local_client, msg)
 
     def remove_worker(self, worker_id: str, reason: str, blame: bool = True) -> None:
+        self._removed[worker_id] = None
+        if len(self._removed) > REMEMBER_REMOVED:
+            del self._removed[next(iter(self._removed))]
         for peer in self._worker_peers.pop(worker_id, {worker_id}):
             self._kind.pop(peer, None)
             self._last_seen.pop(peer, None)
@@ -190,13 +196,32 @@ class SchedulerServer:
             else:
                 self._handle_client(peer, msg)
         elif isinstance(msg, m.Heartbeat) and "/" not in peer:
-            # a worker we removed, back (partition healed, SIGCONT): its tasks ran elsewhere
-            # meanwhile; it leaves and its nanny starts a fresh one
-            logger.warning("worker %s was removed and is back; telling it to restart", peer)
-            reason = "the scheduler had removed this worker (it went silent); restarting fresh"
-            self._send(peer, m.CloseWorker(reason, restart=True))
+            self._unknown_worker_back(peer)
+        elif self._is_former_worker(peer):
+            # what a removed worker finished meanwhile (its tasks ran elsewhere), or a slot of
+            # a former scheduler's worker: routine, and the worker itself is told to leave
+            logger.debug(
+                "dropping %s from %r, a worker not registered here", type(msg).__name__, peer
+            )
         else:
             logger.warning("dropping %s from unregistered peer %r", type(msg).__name__, peer)
+
+    def _unknown_worker_back(self, peer: str) -> None:
+        """A worker we removed, back (partition healed, SIGCONT), or one registered with an
+        earlier scheduler on this address: its tasks ran elsewhere or are unknown here. It
+        leaves, and its nanny starts a fresh one, which registers."""
+        if peer in self._removed:
+            logger.warning("worker %s was removed and is back; telling it to restart", peer)
+            reason = "the scheduler had removed this worker (it went silent); restarting fresh"
+        else:
+            logger.warning("unknown worker %s (a former scheduler's?); telling it to restart", peer)
+            reason = "the scheduler does not know this worker (it restarted?); restarting fresh"
+        self._send(peer, m.CloseWorker(reason, restart=True))
+
+    def _is_former_worker(self, peer: str) -> bool:
+        """A removed worker's connection, or a slot (``id/n``) of a worker not registered."""
+        worker_id, slash, _ = peer.partition("/")
+        return worker_id in self._removed or (bool(slash) and worker_id not in self._worker_peers)
 
     def _handle_client(self, peer: str, msg: Any) -> None:
         out = self.state.handle_client(peer, msg)
@@ -234,6 +259,9 @@ class SchedulerServer:
         self._kind[peer] = "worker"
         self._worker_peers[peer] = {peer}
         self._hosts[peer] = msg.host if isinstance(msg.host, str) else ""
+        # at once, not at the next ping: the worker tells its nanny that this start worked
+        # before a task we are about to send it can take it over its memory limit
+        self._send(peer, m.Reply(-1, "registered"))
         self._send_all(self.state.handle_worker(peer, msg))
         if self.on_worker_added is not None:
             self.on_worker_added(peer)

@@ -7,6 +7,10 @@ removing the ipc socket files it was told to clean up.
 Tasks here see ``meshpool.current_executor()`` as a client of this worker's own cluster
 (``worker/nested.py``). The cap on threads waiting inside tasks with their slot handed over comes
 from the config's ``max_replacements``, else ``MESHPOOL_MAX_REPLACEMENTS``, else 64.
+
+The config's ``status_fd`` is the write end of a pipe to the parent: once the scheduler has
+registered us we write ``registered`` there and close it, so the parent counts this start as a
+success (only consecutive failed starts make it give up, ``cluster/local.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 
 
 def _watch_parent(cleanup: list[str], cleanup_dir: str | None) -> None:
@@ -61,6 +66,21 @@ def _max_replacements(config: dict, default: int) -> int:
         return default
 
 
+def _report_registered(fd: int | None) -> Callable[[], None] | None:
+    if fd is None:
+        return None
+    os.set_inheritable(fd, False)  # not for the subprocesses tasks start
+
+    def report() -> None:
+        try:
+            os.write(fd, b"registered\n")
+            os.close(fd)
+        except OSError:  # the parent is gone: the parent-watch thread ends us
+            pass
+
+    return report
+
+
 def main() -> None:
     config = json.loads(sys.stdin.buffer.readline())
     if config.get("cwd"):
@@ -86,7 +106,7 @@ def main() -> None:
     from ..transport.security import Security
     from . import nested
     from .execution import MAX_REPLACEMENTS
-    from .server import Worker
+    from .server import SCHEDULER_SILENCE, Worker
 
     security = Security.from_dict(config["security"]) if config.get("security") else None
     try:
@@ -101,6 +121,8 @@ def main() -> None:
             resources=config.get("resources") or {},
             security=security,
             max_replacements=_max_replacements(config, MAX_REPLACEMENTS),
+            scheduler_silence=config.get("scheduler_silence") or SCHEDULER_SILENCE,
+            on_registered=_report_registered(config.get("status_fd")),
         )
         nested.install(config["scheduler"], security)
     except BaseException:

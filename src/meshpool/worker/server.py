@@ -13,9 +13,15 @@ message ride the control connection; the scheduler's pings coming back are its p
 
 The control and slot connections carry ZMTP heartbeats and a frame cap (``transport/sockets.py``).
 A scheduler that vanished (host gone, partition) has its connections closed by the heartbeat
-timeout; they keep reconnecting, and after :data:`SCHEDULER_SILENCE` the worker exits. A worker
-the scheduler removed meanwhile is told to leave when it is heard again, and exits with
-:data:`RESTART_ME`: its nanny starts a fresh one.
+timeout; they keep reconnecting, and after :data:`SCHEDULER_SILENCE` the worker exits with
+:data:`SCHEDULER_LOST` (its nanny exits too). A loop that itself stalled (the process was frozen)
+gives the scheduler a fresh silence window rather than taking its own stall for the scheduler's.
+A worker the scheduler removed meanwhile, or a scheduler restarted on the same address that never
+knew it, tells it to leave when it is heard again: it exits with :data:`RESTART_ME`, and its nanny
+starts a fresh one.
+
+The scheduler's first message (its answer to RegisterWorker, then pings) proves the worker is
+registered: ``on_registered`` is called once then, which tells the nanny that this start worked.
 
 A task waiting for other tasks gives its slot to a replacement thread; ``max_replacements`` caps
 those per worker, past which a waiting task runs its slot's queue itself (execution.py).
@@ -27,6 +33,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -47,8 +54,10 @@ MEMORY_CHECK_INTERVAL = 0.1  # seconds between RSS checks when a memory limit is
 MEMORY_EXCEEDED = 4  # exit code: over the memory limit (the nanny restarts the worker)
 CREDENTIALS_REFUSED = 3  # exit code: the nanny does not restart a worker the scheduler refused
 RESTART_ME = 5  # exit code: the scheduler removed us (we went silent); the nanny starts a fresh one
+SCHEDULER_LOST = 6  # exit code: no word from the scheduler for SCHEDULER_SILENCE; the nanny stops
 REPLICA_TIMEOUT = 60.0  # a retiring peer that has not sent its data by then is given up on
 SCHEDULER_SILENCE = 30.0  # no word from the scheduler this long: it is gone, and so do we
+LOOP_STALL = 5.0  # seconds between two ticks of our own loop that mean we were frozen
 POLL_MS = 250
 SHM_SWEEP_INTERVAL = 30.0  # seconds between looks for shared-memory files nobody attached
 
@@ -68,6 +77,7 @@ class Worker:
         security: Security | None = None,
         scheduler_silence: float = SCHEDULER_SILENCE,
         max_replacements: int = MAX_REPLACEMENTS,
+        on_registered: Callable[[], None] | None = None,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.worker_id = worker_id
@@ -76,6 +86,8 @@ class Worker:
         self.memory_limit = memory_limit
         self.resources = resources or {}
         self.scheduler_silence = scheduler_silence
+        self.on_registered = on_registered
+        self.registered = False
         self.store = DataStore()
         self.running = True
         self.exit_reason = ""
@@ -83,7 +95,7 @@ class Worker:
         self._unsent: list = []  # control messages waiting for a connection
         self._last_memory_check = 0.0
         self._last_heartbeat = 0.0
-        self._last_from_scheduler = time.monotonic()
+        self._last_from_scheduler = self._last_tick = time.monotonic()
         self.security = security
         self._retire_requested = False
         self._retire_sent = False
@@ -137,6 +149,12 @@ class Worker:
         ]
 
     def run(self) -> None:
+        # a limit below what a bare worker takes can never work: exiting before we register
+        # makes this a failed start, so the nanny gives up instead of restarting us forever
+        self._check_memory()
+        if not self.running:
+            self.close()
+            return
         for slot in self.slots:
             slot.start()
         self._send(
@@ -303,8 +321,15 @@ class Worker:
             self._last_heartbeat = now
             executing = sum(1 for s in self.slots if s.current is not None)
             self._send(m.Heartbeat(executing, self.store.total_bytes()))
+        self._check_scheduler_silence(now)
+
+    def _check_scheduler_silence(self, now: float) -> None:
+        if now - self._last_tick > LOOP_STALL:  # we were frozen: the silence may be ours
+            self._last_from_scheduler = now
+        self._last_tick = now
         if now - self._last_from_scheduler > self.scheduler_silence:
             self.exit_reason = f"no word from the scheduler for {self.scheduler_silence:g} s"
+            self.exit_code = SCHEDULER_LOST
             logger.error("worker %s: %s; exiting", self.name, self.exit_reason)
             self.running = False
 
@@ -343,8 +368,17 @@ class Worker:
             if msg.restart:
                 self.exit_code = RESTART_ME
             self.running = False
-        elif not isinstance(msg, m.Reply):
+        elif isinstance(msg, m.Reply):
+            self._note_registered()
+        else:
             logger.warning("dropping unexpected %s on the control socket", type(msg).__name__)
+
+    def _note_registered(self) -> None:
+        """The scheduler answers (and pings) only workers it registered."""
+        if not self.registered:
+            self.registered = True
+            if self.on_registered is not None:
+                self.on_registered()
 
     def _drain_data(self) -> None:
         for _ in range(1000):
