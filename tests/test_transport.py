@@ -148,6 +148,31 @@ def test_every_message_round_trips(cls):
     assert m.decode(frames) == msg
 
 
+def test_a_batch_round_trips_with_small_frames_joined_and_large_ones_apart():
+    msgs = [_example(cls) for cls in sorted(m._REGISTRY.values(), key=lambda c: c.op)]
+    msgs.append(m.Compute("k", (0, 1, 0), [], None, [b"f", b"x" * (m.JOIN_BELOW + 1), b""]))
+    frames = m.encode_batch(msgs)
+    assert len(frames) == 3  # header, the joined small frames, the one large frame
+    assert m.decode_all(frames) == msgs
+    assert m.decode_all(m.encode(msgs[0])) == [msgs[0]]
+
+
+@pytest.mark.parametrize(
+    "header, payload",
+    [
+        (("batch", [("release", ["k"])], [0]), [b""]),  # no sizes
+        (("batch", [("release", ["k"])], [1], [1]), [b"x"]),  # frames on a frameless message
+        (("batch", [("compute", "k", 1, [], None)], [1], [5]), [b"abc"]),  # sizes too big
+        (("batch", [("compute", "k", 1, [], None)], [1], [-1]), [b""]),  # large frame missing
+        (("batch", [("batch", [], [], [])], [0], []), [b""]),  # nested batch
+        (("batch", ["release"], [0], []), [b""]),  # a part that is not a header
+    ],
+)
+def test_a_malformed_batch_is_refused(header, payload):
+    with pytest.raises(MalformedMessage):
+        m.decode_all([dumps_header(header), *payload])
+
+
 def test_decode_refuses_unknown_operation():
     with pytest.raises(MalformedMessage, match="unknown operation"):
         m.decode([dumps_header(("no-such-op", 1))])

@@ -24,6 +24,7 @@ Key = Any  # str, or a tuple of builtins (dask-style keys)
 
 _REGISTRY: dict[str, Any] = {}
 BATCH = "batch"  # the operation name of several messages sent as one (encode_batch)
+JOIN_BELOW = 64 * 1024  # a batch joins its payload frames smaller than this into one frame
 
 
 def _register(cls: Any) -> Any:
@@ -98,21 +99,33 @@ def _header(msg: Any) -> tuple:
 
 
 def encode_batch(msgs: list) -> list:
-    """Several messages for one peer as one zmq message (one send, one wake-up)::
+    """Several messages for one peer as one zmq message: one send, one wake-up, and their small
+    payload frames joined into one (each frame is a GIL-releasing call on both sides)::
 
-    [dumps_header(("batch", [header, ...], [payload frame count, ...])), *payload frames]
+        [dumps_header(("batch", [header, ...], [payload frame count, ...], [frame size, ...])),
+         joined small frames, *large frames]
+
+    A frame's size is -1 when it travels as a frame of its own (:data:`JOIN_BELOW` and over).
     """
     headers = []
     counts = []
-    frames: list = []
+    sizes = []
+    small: list = []
+    large: list = []
     for msg in msgs:
         headers.append(_header(msg))
-        if type(msg)._has_frames:
-            counts.append(len(msg.frames))
-            frames.extend(msg.frames)
-        else:
-            counts.append(0)
-    return [dumps_header((BATCH, headers, counts)), *frames]
+        payload = msg.frames if type(msg)._has_frames else ()
+        counts.append(len(payload))
+        for frame in payload:
+            size = len(frame) if type(frame) is bytes else memoryview(frame).nbytes
+            if size < JOIN_BELOW:
+                sizes.append(size)
+                small.append(frame)
+            else:
+                sizes.append(-1)
+                large.append(frame)
+    header = dumps_header((BATCH, headers, counts, sizes))
+    return [header, b"".join(small), *large]
 
 
 def decode_all(frames: list) -> list:
@@ -120,21 +133,39 @@ def decode_all(frames: list) -> list:
     header = loads_header(frames[0])
     if header[0] != BATCH:
         return [_build(header, frames[1:])]
-    if len(header) != 3 or type(header[1]) is not list or type(header[2]) is not list:
-        raise MalformedMessage("batch: expected a list of headers and a list of frame counts")
-    headers, counts = header[1], header[2]
-    if len(headers) != len(counts) or any(type(c) is not int or c < 0 for c in counts):
-        raise MalformedMessage("batch: frame counts do not match the headers")
-    if sum(counts) != len(frames) - 1:
-        raise MalformedMessage("batch: frame counts do not add up to the frames sent")
+    headers, counts, payload = _batch_parts(header, frames)
     msgs = []
-    offset = 1
+    offset = 0
     for sub, count in zip(headers, counts, strict=True):
         if type(sub) is not tuple or not sub or type(sub[0]) is not str or sub[0] == BATCH:
             raise MalformedMessage("batch: a part is not a message header")
-        msgs.append(_build(sub, frames[offset : offset + count]))
+        msgs.append(_build(sub, payload[offset : offset + count]))
         offset += count
     return msgs
+
+
+def _batch_parts(header: tuple, frames: list) -> tuple[list, list, list]:
+    """Check a batch's layout; return its headers, frame counts and payload frames."""
+    if len(header) != 4 or not all(type(part) is list for part in header[1:]) or len(frames) < 2:
+        raise MalformedMessage("batch: expected headers, frame counts and frame sizes")
+    headers, counts, sizes = header[1], header[2], header[3]
+    if len(headers) != len(counts) or any(type(c) is not int or c < 0 for c in counts):
+        raise MalformedMessage("batch: frame counts do not match the headers")
+    if sum(counts) != len(sizes) or any(type(n) is not int or n < -1 for n in sizes):
+        raise MalformedMessage("batch: frame sizes do not match the frame counts")
+    joined = frames[1]
+    large = iter(frames[2:])
+    if sizes.count(-1) != len(frames) - 2 or sum(n for n in sizes if n > 0) != len(joined):
+        raise MalformedMessage("batch: frame sizes do not add up to the frames sent")
+    payload = []
+    start = 0
+    for size in sizes:
+        if size < 0:
+            payload.append(next(large))
+        else:
+            payload.append(joined[start : start + size])
+            start += size
+    return headers, counts, payload
 
 
 # --- client -> scheduler ----------------------------------------------------------------------
