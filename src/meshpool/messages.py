@@ -128,6 +128,14 @@ def encode_batch(msgs: list) -> list:
     return [header, b"".join(small), *large]
 
 
+def encode_many(msgs: list) -> list:
+    """One or more messages for one peer, in the fewest frames: a lone message with at most one
+    payload frame as itself, anything else as a batch."""
+    if len(msgs) == 1 and (not type(msgs[0])._has_frames or len(msgs[0].frames) <= 1):
+        return encode(msgs[0])
+    return encode_batch(msgs)
+
+
 def decode_all(frames: list) -> list:
     """The messages in ``frames``: one, or those of a batch (see :func:`encode_batch`)."""
     header = loads_header(frames[0])

@@ -358,10 +358,8 @@ class ClientCore:
             return
         self._holding = False
         held, self._held = self._held, []
-        if len(held) == 1:
-            self._send_frames(m.encode(held[0]))
-        elif held:
-            self._send_frames(m.encode_batch(held))
+        if held:
+            self._send_frames(m.encode_many(held))
 
     def _send(self, msg: Any) -> None:
         if self.server is not None:

@@ -165,9 +165,7 @@ class SchedulerServer:
         while self._held:
             held, self._held = self._held, {}
             for peer, msgs in held.items():
-                self._send_encoded(
-                    peer, m.encode(msgs[0]) if len(msgs) == 1 else m.encode_batch(msgs)
-                )
+                self._send_encoded(peer, m.encode_many(msgs))
 
     def _dispatch(self, peer: str, msg: Any) -> None:
         kind = self._kind.get(peer)
