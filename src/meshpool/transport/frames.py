@@ -16,7 +16,7 @@ import zmq
 SNDMORE = int(zmq.SNDMORE)
 RCVMORE = int(zmq.RCVMORE)
 NOBLOCK = int(zmq.NOBLOCK)
-ZERO_COPY_BYTES = 64 * 1024  # frames at least this big are sent without a copy
+ZERO_COPY_BYTES = 1024 * 1024  # frames at least this big are sent without a copy
 
 
 def _size(frame: Any) -> int:
