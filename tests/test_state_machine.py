@@ -10,6 +10,8 @@ slots are "w1/0", "w1/1"...; a worker's data address is "addr-<id>".
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from meshpool import errors
@@ -678,3 +680,17 @@ def test_stale_done_from_a_removed_placement_is_freed(sim):
     # a ComputeDone from a worker the task is not on: freed there, state untouched
     assert sim.done("w2/0", "x") == [("w2/0", m.FreeKeys(["x"]))]
     assert sim.ts("x").state == PROCESSING
+
+
+def test_compact_gives_back_emptied_tables():
+    from meshpool.scheduler.model import SHRINK_ABOVE, shrunk
+
+    big = {i: i for i in range(100_000)}
+    for i in range(99_990):
+        del big[i]
+    before = sys.getsizeof(big)
+    small = shrunk(big)
+    assert before > SHRINK_ABOVE and sys.getsizeof(small) < before // 100
+    assert small == big
+    kept = {i: i for i in range(100_000)}
+    assert shrunk(kept) is kept  # full tables are left alone

@@ -36,6 +36,7 @@ import zmq
 
 from .. import errors
 from .. import messages as m
+from ..scheduler.model import shrunk
 from ..transport import serialize, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import BATCH_DEPENDENCIES, MalformedMessage
@@ -56,6 +57,7 @@ FETCH_UNANSWERED = 3  # ...and after this many unanswered rounds, the fetch fail
 FETCH_RETRIES = 20  # who-has rounds for data that is moving (or being recomputed)
 SCHEDULER_SILENCE = 10.0  # no word from a remote scheduler this long: it is lost
 POLL_MS = 100
+COMPACT_INTERVAL = 1.0  # seconds between checks for emptied-out tables
 MERGE_ROWS = 1000  # submits merged into one message at most (a header stays well under its cap)
 
 _live_cores: weakref.WeakSet = weakref.WeakSet()
@@ -105,6 +107,7 @@ class ClientCore:
         # here on release): what visualize() draws for futures
         self.lineage: dict[Any, list] = {}
         self._holding = False  # remote: messages wait in _held until _release (batched)
+        self._last_compact = 0.0
         self._held: list = []
         self.remote_done: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.requests: dict[int, PlainFuture] = {}
@@ -668,6 +671,9 @@ class ClientCore:
             fetch.reply.set_result(fetch.frames)
 
     def _on_tick(self, now: float) -> None:
+        if now - self._last_compact > COMPACT_INTERVAL:  # emptied tables back to the allocator
+            self._last_compact = now
+            self.pending = shrunk(self.pending)  # (only this thread writes it)
         if self.server is not None:
             self.server.on_tick(now)
         elif self.dealer is not None and now - self._last_from_scheduler > SCHEDULER_SILENCE:

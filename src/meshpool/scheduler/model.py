@@ -5,6 +5,7 @@ bookkeeping of cancels and recalls in flight. Plain data; the rules live in the 
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from collections.abc import Set as AbstractSet
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ _FINISHED = (MEMORY, ERRED, CANCELLED)
 
 _T = TypeVar("_T")
 _EMPTY: frozenset = frozenset()  # every TaskState set starts as this one (no memory per task)
+SHRINK_ABOVE = 256 * 1024  # bytes: a container's table bigger than this may be shrunk
 
 
 def _with(items: AbstractSet[_T], item: _T) -> set[_T]:
@@ -36,6 +38,17 @@ def _with(items: AbstractSet[_T], item: _T) -> set[_T]:
     assert isinstance(items, set)
     items.add(item)
     return items
+
+
+_C = TypeVar("_C", dict, set)
+
+
+def shrunk(container: _C) -> _C:
+    """``container``, or a right-sized copy of it when its table is big and mostly empty."""
+    allocated = sys.getsizeof(container)
+    if allocated > SHRINK_ABOVE and len(container) * 64 < allocated:
+        return type(container)(container)
+    return container
 
 
 def _without(items: AbstractSet[_T], item: _T) -> AbstractSet[_T]:

@@ -334,6 +334,7 @@ class SchedulerServer:
         if now - self._last_ping < PING_INTERVAL:
             return
         self._last_ping = now
+        self.state.compact()
         for peer in [p for p in self._kind if "/" not in p]:
             if peer in self._kind:
                 self._send(peer, m.Reply(-1, "ping"))
