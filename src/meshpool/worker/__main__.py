@@ -140,6 +140,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: worker.request_retire())
     try:
         worker.run()
+    except BaseException:  # a bug in the worker's loop: say so, and exit as a failure
+        traceback.print_exc()
+        worker.exit_code = worker.exit_code or 1
     finally:
         from ..transport import shm
 
