@@ -86,20 +86,26 @@ def hold_gil(seconds: float) -> dict:
 # --- the cluster ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cli_cluster(tmp_path, monkeypatch):
-    """A secured scheduler and two worker nannies (wa, wb: one worker process each), all with a
-    short heartbeat timeout; yields (address, credentials directory, processes)."""
+def _secured_processes(tmp_path, monkeypatch) -> tuple[netns.Processes, object]:
+    """A process tracker whose processes (and this test's client) use a private MESHPOOL_HOME
+    and the short heartbeat timeout, and a fresh key pair; returns (processes, keys dir)."""
     home = tmp_path / "home"
     home.mkdir()
     env = netns.process_env(str(home), MESHPOOL_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT))
-    procs = netns.Processes(tmp_path, env)
     keys = tmp_path / "keys"
     subprocess.run(
         netns.meshpool_command("keygen", str(keys)), env=env, check=True, capture_output=True
     )
     monkeypatch.setenv("MESHPOOL_HOME", str(home))
     monkeypatch.setenv("MESHPOOL_HEARTBEAT_TIMEOUT", str(HEARTBEAT_TIMEOUT))  # our client too
+    return netns.Processes(tmp_path, env), keys
+
+
+@pytest.fixture
+def cli_cluster(tmp_path, monkeypatch):
+    """A secured scheduler and two worker nannies (wa, wb: one worker process each), all with a
+    short heartbeat timeout; yields (address, credentials directory, processes)."""
+    procs, keys = _secured_processes(tmp_path, monkeypatch)
     monkeypatch.delenv("MESHPOOL_SECURITY", raising=False)
     try:
         scheduler = procs.start(
@@ -252,16 +258,7 @@ class Restartable:
 
 @pytest.fixture
 def restartable(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    home.mkdir()
-    env = netns.process_env(str(home), MESHPOOL_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT))
-    procs = netns.Processes(tmp_path, env)
-    keys = tmp_path / "keys"
-    subprocess.run(
-        netns.meshpool_command("keygen", str(keys)), env=env, check=True, capture_output=True
-    )
-    monkeypatch.setenv("MESHPOOL_HOME", str(home))
-    monkeypatch.setenv("MESHPOOL_HEARTBEAT_TIMEOUT", str(HEARTBEAT_TIMEOUT))
+    procs, keys = _secured_processes(tmp_path, monkeypatch)
     try:
         yield Restartable(procs, keys)
     finally:
