@@ -191,3 +191,12 @@ def full_array(mb, value):
     import numpy as np
 
     return np.full(int(mb * 2**20) // 8, float(value))
+
+
+def break_my_slot():
+    """Close the socket of the slot running this task: the slot fails after the task returns,
+    outside any task (its result cannot be sent)."""
+    from meshpool.worker import execution
+
+    execution._local.slot.sock.close(linger=0)
+    return 1

@@ -14,7 +14,7 @@ import time
 import netns
 import pytest
 from helpers import LIVENESS
-from tasks import big, getpid, inc
+from tasks import big, break_my_slot, getpid, inc
 
 import meshpool
 from meshpool.cluster.local import MAX_FAILED_STARTS
@@ -37,6 +37,19 @@ def test_memory_limit_restarts_the_worker_and_a_poison_task_becomes_killed_worke
         with pytest.raises(meshpool.KilledWorker, match="3 workers"):
             ex.submit(hog, 500).result(timeout=120)
         assert ex.submit(getpid).result(timeout=60) != first  # restarted, still serving
+        assert ex.submit(inc, 1).result(timeout=30) == 2
+
+
+def test_a_slot_failing_outside_its_task_restarts_the_worker_instead_of_hanging():
+    """The task closes its slot's socket, so the slot itself fails once the task returns. The
+    worker exits (rather than keep a dead slot whose tasks would wait forever), the task is
+    retried on a fresh worker, and after three such deaths it is a KilledWorker."""
+    with meshpool.Executor(1) as ex:
+        ex.wait_for_workers(1, timeout=60)
+        first = ex.workers()[0]["pid"]
+        with pytest.raises(meshpool.KilledWorker):
+            ex.submit(break_my_slot).result(timeout=120)
+        assert ex.submit(getpid).result(timeout=60) != first
         assert ex.submit(inc, 1).result(timeout=30) == 2
 
 

@@ -76,6 +76,7 @@ from .store import DataStore
 
 logger = logging.getLogger("meshpool.worker")
 
+SLOT_FAILED = 7  # exit code: a slot's loop failed (outside any task)
 SMALL_RESULT = 64 * 1024  # results up to this size ride with the completion message
 FETCH_TIMEOUT = 10.0  # seconds a peer gets to send data before the next holder is tried
 # Threads per worker that may wait inside tasks while a replacement runs their slot. More costs
@@ -298,10 +299,18 @@ def _owner_thread(slot: Slot, hello: bool) -> None:
     """A slot thread's life: own a slot; once it gave it away and its task ended, park until a
     slot needs a new owner (or exit)."""
     next_slot: Slot | None = slot
-    while next_slot is not None and next_slot._serve(hello):
-        hello = False
-        threading.current_thread().name = "meshpool-parked"
-        next_slot = next_slot.replacements.park()
+    try:
+        while next_slot is not None and next_slot._serve(hello):
+            hello = False
+            threading.current_thread().name = "meshpool-parked"
+            next_slot = next_slot.replacements.park()
+    except BaseException:
+        # a failure in the slot's own machinery (not in a task: those are caught): the slot is
+        # dead, and the tasks sent to it would wait forever. Exit instead: the scheduler
+        # reschedules them and the nanny starts a fresh worker.
+        logger.exception("slot %d failed; the worker exits", slot.index)
+        sys.stderr.flush()
+        os._exit(SLOT_FAILED)
 
 
 def current_task() -> _Running | None:
