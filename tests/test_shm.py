@@ -8,6 +8,7 @@ runs on this machine may have files of their own in flight.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -167,7 +168,8 @@ def test_callers_files_for_a_killed_worker_are_removed_at_shutdown():
             assert _wait_until(lambda: any(n.startswith(mine) for n in os.listdir(shm.SHM_DIR)))
         finally:
             os.kill(worker["pid"], signal.SIGKILL)
-            os.kill(worker["pid"], signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # (the nanny may have reaped it)
+                os.kill(worker["pid"], signal.SIGCONT)
         ex.shutdown(wait=False, cancel_futures=True)
     assert not any(n.startswith(mine) for n in os.listdir(shm.SHM_DIR))
     assert _files_of([worker["pid"]]) == []
