@@ -6,7 +6,7 @@ Theory of operation::
                                                             │   (embedded: SchedulerServer in
                                                             │    this thread, no extra hop)
     futures ◀── set_result(Packed | Remote) / set_exception ┘◀── done / erred / cancelled
-    result() of a large value ──fetch──▶ who-has ──▶ GetData to the worker's data socket
+    result() of a large value ──fetch──▶ who-has ──▶ GetData to the worker's data socket  (fetching.py)
 
 As in the stdlib's ``process.py``, ``submit()`` only serializes (in the caller's thread, so a
 pickling error is raised there), records work and wakes the I/O thread. The I/O thread never runs
@@ -42,19 +42,16 @@ from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import BATCH_DEPENDENCIES, MalformedMessage
 from ..transport.security import Security
 from ..transport.sockets import (
-    connect_to_data,
     enable_heartbeats,
     make_socket,
     private_directory,
     remove_directory,
 )
+from .fetching import FETCH_TIMEOUT, Fetching, FetchRequest
 from .future import Future, Packed, Remote
 
 logger = logging.getLogger("meshpool.client")
 
-FETCH_TIMEOUT = 10.0  # a worker that has not sent requested data by then is asked about again
-FETCH_UNANSWERED = 3  # ...and after this many unanswered rounds, the fetch fails
-FETCH_RETRIES = 20  # who-has rounds for data that is moving (or being recomputed)
 SCHEDULER_SILENCE = 10.0  # no word from a remote scheduler this long: it is lost
 POLL_MS = 100
 COMPACT_INTERVAL = 1.0  # seconds between checks for emptied-out tables
@@ -64,20 +61,7 @@ _live_cores: weakref.WeakSet = weakref.WeakSet()
 _exiting = False
 
 
-class _Fetch:
-    __slots__ = ("keys", "reply", "frames", "attempts", "requests", "deadline", "asking")
-
-    def __init__(self, keys: list, reply: PlainFuture) -> None:
-        self.keys = keys
-        self.reply = reply
-        self.frames: dict = {}
-        self.attempts = 0
-        self.requests: set[int] = set()
-        self.deadline = 0.0
-        self.asking = False
-
-
-class ClientCore:
+class ClientCore(Fetching):
     """Everything one executor shares with its I/O thread."""
 
     def __init__(
@@ -111,7 +95,7 @@ class ClientCore:
         self._held: list = []
         self.remote_done: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.requests: dict[int, PlainFuture] = {}
-        self.fetches: dict[int, _Fetch] = {}
+        self.fetches: dict[int, FetchRequest] = {}
         self.data_requests: dict[int, tuple[int, str, float]] = {}  # data req -> (fetch, address)
         self.data_socks: dict[str, zmq.Socket] = {}
         self.broken: BaseException | None = None
@@ -434,7 +418,7 @@ class ClientCore:
 
     def _cmd_fetch(self, keys: list, reply: PlainFuture) -> None:
         fetch_id = next(self._ids)
-        fetch = _Fetch(list(keys), reply)
+        fetch = FetchRequest(list(keys), reply)
         fetch.deadline = time.monotonic() + FETCH_TIMEOUT
         self.fetches[fetch_id] = fetch
         self._ask_who_has(fetch_id)
@@ -540,37 +524,6 @@ class ClientCore:
             err = errors.CommError(msg.reason)
         self._break(err)
 
-    def _on_who_has(self, msg: m.WhoHasReply) -> None:
-        fetch = self.fetches.get(msg.request_id)
-        if fetch is None:
-            return
-        fetch.asking = False
-        by_address: dict[str, list] = {}
-        missing = []
-        for key in fetch.keys:
-            if key in fetch.frames:
-                continue
-            addresses = msg.locations.get(key) or []
-            if addresses:
-                by_address.setdefault(addresses[0], []).append(key)
-            else:
-                missing.append(key)
-        if missing and not by_address:
-            fetch.attempts += 1
-            if fetch.attempts > FETCH_RETRIES:
-                self._finish_fetch(
-                    msg.request_id,
-                    errors.DataLost(f"no worker holds {missing[0]!r} (released or lost)"),
-                )
-            return  # the tick asks again
-        for address, keys in by_address.items():
-            data_id = next(self._ids)
-            self.data_requests[data_id] = (msg.request_id, address, time.monotonic())
-            fetch.requests.add(data_id)
-            self._data_sock(address).send_multipart(
-                m.encode(m.GetData(data_id, keys, shm.host_key()))
-            )
-
     _handlers: dict[type, Any] = {
         m.TaskDone: _on_done,
         m.TaskErred: _on_erred,
@@ -578,97 +531,13 @@ class ClientCore:
         m.CancelReply: _on_cancel_reply,
         m.Reply: _on_reply,
         m.ClusterBroken: _on_broken,
-        m.WhoHasReply: _on_who_has,
+        m.WhoHasReply: Fetching._on_who_has,
     }
 
     def _reply(self, request_id: int, value: Any) -> None:
         reply = self.requests.pop(request_id, None)
         if reply is not None and not reply.done():
             reply.set_result(value)
-
-    # --- fetching data from workers ----------------------------------------------------------
-
-    def _ask_who_has(self, fetch_id: int) -> None:
-        fetch = self.fetches[fetch_id]
-        keys = [k for k in fetch.keys if k not in fetch.frames]
-        fetch.asking = True
-        self._send(m.WhoHas(fetch_id, keys))
-
-    def _data_sock(self, address: str) -> zmq.Socket:
-        sock = self.data_socks.get(address)
-        if sock is None:
-            sock = self.data_socks[address] = connect_to_data(address, self.security)
-            self._poller.register(sock, zmq.POLLIN)
-        return sock
-
-    def _drop_data_sock(self, address: str) -> None:
-        sock = self.data_socks.pop(address, None)
-        if sock is not None:
-            self._poller.unregister(sock)
-            sock.close(linger=0)
-
-    def _drain_data(self, sock: zmq.Socket) -> None:
-        for _ in range(100):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self.stats["client_bytes_received"] += sum(len(f) for f in frames)
-            try:
-                msg = m.decode([frames[0].bytes, *[_bytes_or_buffer(f) for f in frames[1:]]])
-                if isinstance(msg, m.Data) and msg.shm:  # (a late answer too: files taken in)
-                    msg.frames = shm.unpack_frames(msg.frames, msg.shm)
-                    self.stats["shm_bytes_received"] += shm.total(msg.shm)
-            except (MalformedMessage, ValueError, TypeError, OSError) as exc:
-                logger.warning("dropping malformed data reply: %s", exc)
-                continue
-            if not isinstance(msg, m.Data):
-                continue
-            entry = self.data_requests.pop(msg.request_id, None)
-            if entry is None:
-                continue
-            fetch_id = entry[0]
-            fetch = self.fetches.get(fetch_id)
-            if fetch is None:
-                continue
-            fetch.requests.discard(msg.request_id)
-            offset = 0
-            for key, nframes in msg.items:
-                if nframes >= 0:
-                    fetch.frames[key] = msg.frames[offset : offset + nframes]
-                    offset += nframes
-            if len(fetch.frames) == len(set(fetch.keys)):
-                self._finish_fetch(fetch_id, None)
-            elif not fetch.requests:
-                fetch.attempts += 1
-                self._ask_who_has(fetch_id)
-
-    def _abandon_data_request(self, data_id: int, address: str) -> None:
-        """A worker did not answer (or is gone): ask the scheduler again where the data is,
-        a few times (it may have moved, or be recomputed), then fail naming the address."""
-        fetch_id = self.data_requests.pop(data_id)[0]
-        self._drop_data_sock(address)
-        fetch = self.fetches.get(fetch_id)
-        if fetch is None:
-            return
-        fetch.requests.discard(data_id)
-        fetch.attempts += 1
-        if fetch.attempts > FETCH_UNANSWERED:
-            self._finish_fetch(
-                fetch_id,
-                errors.CommError(f"worker at {address} did not send the data it holds"),
-            )
-        elif not fetch.requests:
-            self._ask_who_has(fetch_id)
-
-    def _finish_fetch(self, fetch_id: int, error: BaseException | None) -> None:
-        fetch = self.fetches.pop(fetch_id, None)
-        if fetch is None or fetch.reply.done():
-            return
-        if error is not None:
-            fetch.reply.set_exception(error)
-        else:
-            fetch.reply.set_result(fetch.frames)
 
     def _on_tick(self, now: float) -> None:
         if now - self._last_compact > COMPACT_INTERVAL:  # emptied tables back to the allocator
@@ -724,7 +593,7 @@ class ClientCore:
             return
         reply: PlainFuture = PlainFuture()
         fetch_id = next(self._ids)
-        self.fetches[fetch_id] = _Fetch([k for k, _ in live], reply)
+        self.fetches[fetch_id] = FetchRequest([k for k, _ in live], reply)
         self.fetches[fetch_id].deadline = time.monotonic() + FETCH_TIMEOUT
         self._ask_who_has(fetch_id)
         deadline = time.monotonic() + FETCH_TIMEOUT
@@ -856,10 +725,6 @@ def _await_reply(dealer: zmq.Socket, monitor: zmq.Socket, timeout: float) -> str
                 return "authentication failed"
             else:
                 return "security handshake failed"
-
-
-def _bytes_or_buffer(frame: zmq.Frame) -> Any:
-    return frame.buffer if len(frame) >= serialize.OOB_THRESHOLD else frame.bytes
 
 
 def _python_exit() -> None:
