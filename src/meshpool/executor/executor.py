@@ -30,6 +30,7 @@ from ..transport import serialize, shm
 from ..transport.header import BATCH_DEPENDENCIES, MAX_HEADER_BYTES, dumps_header
 from ..transport.security import Security
 from ..transport.sockets import MAX_FRAME_BYTES
+from . import chunks
 from . import graphs as _graphs
 from .client import ClientCore
 from .future import Future
@@ -379,11 +380,11 @@ class Executor(cf.Executor):
             calls: Iterator[tuple] = zip(*iterables, strict=False)
             fn_to_run = fn
         elif len(iterables) == 1:  # the function travels once (cached), chunks carry data
-            calls = ((chunk,) for chunk in _chunks_of_items(iterables[0], chunksize))
-            fn_to_run = functools.partial(_run_chunk_of_items, fn)
+            calls = ((chunk,) for chunk in chunks.chunks_of_items(iterables[0], chunksize))
+            fn_to_run = functools.partial(chunks.run_chunk_of_items, fn)
         else:
-            calls = ((chunk,) for chunk in _chunks(iterables, chunksize))
-            fn_to_run = functools.partial(_run_chunk, fn)
+            calls = ((chunk,) for chunk in chunks.chunks_of_tuples(iterables, chunksize))
+            fn_to_run = functools.partial(chunks.run_chunk_of_tuples, fn)
         if buffersize is not None:
             results = self._bounded_results(fn_to_run, calls, buffersize, end_time, options)
         else:
@@ -605,32 +606,6 @@ def _find_futures(args: tuple, kwargs: dict) -> list[Future]:
         elif typ is dict:
             stack.extend(v for v in obj.values() if type(v) not in _ATOMIC)
     return found
-
-
-def _chunks(iterables: tuple, chunksize: int) -> Iterator[tuple]:
-    it = zip(*iterables, strict=False)
-    while True:
-        chunk = tuple(itertools.islice(it, chunksize))
-        if not chunk:
-            return
-        yield chunk
-
-
-def _run_chunk(fn: Callable, chunk: tuple) -> list:
-    return [fn(*args) for args in chunk]
-
-
-def _chunks_of_items(iterable: Iterable, chunksize: int) -> Iterator[list]:
-    it = iter(iterable)
-    while True:
-        chunk = list(itertools.islice(it, chunksize))
-        if not chunk:
-            return
-        yield chunk
-
-
-def _run_chunk_of_items(fn: Callable, chunk: list) -> list:
-    return [fn(item) for item in chunk]
 
 
 def _result_iterator(fs: list[Future], end_time: float | None, core: ClientCore) -> Iterator[Any]:
