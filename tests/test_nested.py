@@ -161,9 +161,10 @@ def close_own_handle():
 
 
 def graphs_inside():
-    """meshpool.get and delayed(...).compute() inside a task: where did the inner tasks run?"""
-    got = meshpool.get({"a": (where,), "b": (inc, 41)}, ["a", "b"])
+    """meshpool.get and delayed(...).compute() inside a task: where did the inner tasks run?
+    (compute() first: the worker has not loaded the executor's graph module yet)"""
     delayed_where = meshpool.delayed(where)().compute()
+    got = meshpool.get({"a": (where,), "b": (inc, 41)}, ["a", "b"])
     return os.getpid(), got, delayed_where
 
 

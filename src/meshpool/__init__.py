@@ -26,7 +26,7 @@ _EXPORTS = {
     "FIRST_EXCEPTION": "meshpool.executor.waiting",
     "ALL_COMPLETED": "meshpool.executor.waiting",
     "Security": "meshpool.transport.security",
-    "current_executor": "meshpool.executor.graphs",
+    "current_executor": "meshpool.executor.current",
     "get": "meshpool.executor.graphs:module_get",
     "compute": "meshpool.graph",
     "delayed": "meshpool.graph",

@@ -55,7 +55,7 @@ from joblib._parallel_backends import (
     ThreadingBackend,
 )
 
-from .executor.graphs import current_executor
+from .executor.current import current_executor
 
 if TYPE_CHECKING:
     from .executor.executor import Executor

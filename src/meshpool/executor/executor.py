@@ -31,16 +31,16 @@ from ..transport.header import BATCH_DEPENDENCIES, MAX_HEADER_BYTES, dumps_heade
 from ..transport.security import Security
 from ..transport.sockets import MAX_FRAME_BYTES
 from . import chunks
-from . import graphs as _graphs
+from . import current as _current
 from .client import ClientCore
-from .future import Future
+from .future import Future, KeyRef
 from .waiting import as_completed as _as_completed
 from .waiting import wait as _wait
 
 LARGE_ARGUMENTS = 64 * 1024  # arguments bigger than this go straight to a worker as data
 SUBMIT_BATCH = 1000  # tasks per message when map() submits many
 _ATOMIC = (int, float, str, bytes, bool, type(None), complex)
-_REF_TYPES = (Future, _graphs.KeyRef)  # pickled as their keys (persistent ids)
+_REF_TYPES = (Future, KeyRef)  # pickled as their keys (persistent ids)
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class Executor(cf.Executor):
         self._scatter_turn = itertools.count()
         self._context_tokens: list = []
         self._workers_cache: tuple[float, list[dict]] | None = None
-        _graphs.register(self)
+        _current.register(self)
 
     # --- the stdlib contract -----------------------------------------------------------------
 
@@ -233,12 +233,12 @@ class Executor(cf.Executor):
         )
 
     def __enter__(self) -> Executor:
-        self._context_tokens.append(_graphs.enter(self))
+        self._context_tokens.append(_current.enter(self))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._context_tokens:
-            _graphs.leave(self._context_tokens.pop())
+            _current.leave(self._context_tokens.pop())
         self.shutdown(wait=True)
 
     # --- graphs ------------------------------------------------------------------------------
@@ -247,11 +247,15 @@ class Executor(cf.Executor):
         """Run a dask-style dict graph on the cluster, as one submission; results are shaped
         like ``dask.get``'s (a list of keys gives a tuple). Accepts dask's HighLevelGraph, so
         ``dask.compute(x, scheduler=executor.get)`` runs dask collections here."""
-        return _graphs.get(self, dsk, keys, priority=kwargs.pop("priority", 0))
+        from . import graphs  # (the graph package is loaded when first needed)
+
+        return graphs.get(self, dsk, keys, priority=kwargs.pop("priority", 0))
 
     def compute(self, obj: Any, *more: Any, priority: int = 0) -> Any:
         """Submit delayed objects; a Future for one, a list of futures for several."""
-        futures = _graphs.compute(self, (obj, *more), priority)
+        from . import graphs
+
+        futures = graphs.compute(self, (obj, *more), priority)
         return futures[0] if not more else futures
 
     def __repr__(self) -> str:
@@ -431,12 +435,12 @@ class Executor(cf.Executor):
     # --- asyncio -------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Executor:
-        self._context_tokens.append(_graphs.enter(self))
+        self._context_tokens.append(_current.enter(self))
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         if self._context_tokens:
-            _graphs.leave(self._context_tokens.pop())
+            _current.leave(self._context_tokens.pop())
         import asyncio  # (imported lazily: it costs ~60 ms at start-up)
 
         await asyncio.to_thread(self.shutdown, True)

@@ -77,6 +77,15 @@ class Remote:
         self.nbytes = nbytes
 
 
+class KeyRef:
+    """A reference to an internal key of a submitted graph (pickled as its key, like a Future)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any) -> None:
+        self.key = key
+
+
 class Future(_base.Future):
     """The future of a task running on a meshpool cluster.
 

@@ -1,4 +1,4 @@
-"""Dict graphs and delayed objects on the cluster, and "the current executor".
+"""Dict graphs and delayed objects on the cluster (loaded when a graph is first submitted).
 
 ``Executor.get(dsk, keys)`` submits a whole dask-style graph at once: each key becomes one task
 ``run_task(computation, dependency_keys, *dependency_refs)`` whose dependencies are the tasks of
@@ -7,19 +7,13 @@ keys that the scheduler forgets as soon as no pending task needs them, so a redu
 graph frees its intermediates as it goes. Priorities come from :func:`meshpool.graph.order`
 (depth-first, memory-friendly), after the executor's own ``priority`` option.
 
-"The current executor" is, in order: inside a task, the worker's handle to its own cluster
-(:data:`_task_executor`, a factory ``worker/nested.py`` installs in worker processes); else the
-innermost ``with Executor()`` block; else the most recently created executor still running; else
-none (``meshpool.get``/``compute`` then use threads in this process). Waiting for a graph's
-results inside a task gives the task's slot back meanwhile (``future.wait_in_task``).
+Graphs run on "the current executor" (``current.py``). Waiting for a graph's results inside a
+task gives the task's slot back meanwhile (``future.wait_in_task``).
 """
 
 from __future__ import annotations
 
-import contextvars
 import uuid
-import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..graph import (
@@ -29,27 +23,18 @@ from ..graph import (
     order,
     pack_results,
     run_task,
-    set_get_provider,
     to_plain_graph,
     toposort,
     validate_keys,
 )
 from ..transport.header import BATCH_DEPENDENCIES
-from .future import Future, wait_in_task
+from .current import current_executor
+from .future import Future, KeyRef, wait_in_task
 
 if TYPE_CHECKING:
     from .executor import Executor
 
 GRAPH_BATCH = 10_000  # tasks per submit message for large graphs
-
-
-class KeyRef:
-    """A reference to an internal key of a submitted graph (pickled as its key, like a Future)."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, key: Any) -> None:
-        self.key = key
 
 
 def submit_graph(executor: Executor, dsk: Any, keys: Any, priority: int = 0) -> dict[Any, Future]:
@@ -132,59 +117,6 @@ def compute(executor: Executor, objs: tuple, priority: int = 0) -> list[Future]:
     dsk, keys = collections_to_dsk(list(objs))
     futures = submit_graph(executor, dsk, keys, priority)
     return [futures[k] for k in keys]
-
-
-# --- the current executor -------------------------------------------------------------------
-
-_current: contextvars.ContextVar[Executor | None] = contextvars.ContextVar(
-    "meshpool_current_executor", default=None
-)
-_recent: list[weakref.ref] = []
-# Set inside worker processes (tasks that submit tasks): returns the worker's client of its own
-# cluster, made on first use.
-_task_executor: Callable[[], Executor] | None = None
-
-
-def register(executor: Executor) -> None:
-    _recent.append(weakref.ref(executor))
-    del _recent[:-32]
-
-
-def enter(executor: Executor) -> contextvars.Token:
-    return _current.set(executor)
-
-
-def leave(token: contextvars.Token) -> None:
-    try:
-        _current.reset(token)
-    except ValueError:  # left in another context (e.g. another task): just clear
-        _current.set(None)
-
-
-def _usable(executor: Executor | None) -> bool:
-    return executor is not None and not executor._shutdown and executor._core.broken is None
-
-
-def current_executor() -> Executor | None:
-    """The executor ``meshpool.get``/``compute`` use here, or None."""
-    if _task_executor is not None:
-        return _task_executor()
-    executor = _current.get()
-    if _usable(executor):
-        return executor
-    for ref in reversed(_recent):
-        executor = ref()
-        if _usable(executor):
-            return executor
-    return None
-
-
-def _current_get() -> Any:
-    executor = current_executor()
-    return executor.get if executor is not None else None
-
-
-set_get_provider(_current_get)
 
 
 def module_get(dsk: Any, keys: Any, **kwargs: Any) -> Any:

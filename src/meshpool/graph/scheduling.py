@@ -3,10 +3,13 @@
 Theory of operation
 -------------------
 ``graph`` must not import the executor, yet ``Delayed.compute()`` inside ``with Executor():``
-should run on that executor. So the executor registers a *provider* once, at import:
-a zero-argument function returning the current executor's ``get(dsk, keys, **kw)`` or ``None``
-when there is no current executor. :func:`get_scheduler` asks the provider at each call and
-falls back to :func:`~meshpool.graph.local.get_local` (threads in this process).
+should run on that executor. So :func:`get_scheduler` asks a *provider* at each call: a
+zero-argument function returning the current executor's ``get(dsk, keys, **kw)`` or ``None``
+when there is none, and falls back to :func:`~meshpool.graph.local.get_local` (threads in this
+process). The default provider looks for ``meshpool.executor.current`` in ``sys.modules`` (it
+imports nothing): loaded in every process that made an executor and in every worker, it answers
+there, whichever of the two packages was imported first, and neither has to load the other at
+start-up. :func:`set_get_provider` replaces it.
 
 Named schedulers (``scheduler=`` of ``compute``) are resolved by :func:`resolve_scheduler`: a
 callable is used as is, ``"threads"`` means ``get_local`` and ``"sync"`` runs in the calling
@@ -15,6 +18,7 @@ thread.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -26,7 +30,14 @@ GetFunction = Callable[..., Any]
 
 GetProvider = Callable[[], "GetFunction | None"]
 
-_provider: GetProvider | None = None
+
+def _executor_get() -> GetFunction | None:
+    """The default provider: the current executor's ``get``, if the executor is loaded."""
+    current = sys.modules.get("meshpool.executor.current")
+    return current.current_get() if current is not None else None
+
+
+_provider: GetProvider | None = _executor_get
 
 
 def set_get_provider(fn: GetProvider | None) -> GetProvider | None:

@@ -8,7 +8,7 @@ Theory of operation::
     task ── fut.result() ──▶ future.task_wait_hook ──▶ Slot.block_on (execution.py): the slot
                                                       runs other tasks while this one waits
 
-:func:`install` runs once in a worker process. It points ``executor.graphs._task_executor`` at a
+:func:`install` runs once in a worker process. It points ``executor.current._task_executor`` at a
 :class:`TaskExecutorFactory` and ``executor.future.task_wait_hook`` at the slots' waiting code, so
 ``submit``/``map``/``meshpool.get``/``delayed(...).compute()`` inside a task run on the same
 cluster, and waiting for them never holds an execution slot.
@@ -35,8 +35,8 @@ import math
 import threading
 from typing import TYPE_CHECKING, TypeGuard
 
+from ..executor import current as _current  # (loaded: compute() runs on the cluster)
 from ..executor import future as _future
-from ..executor import graphs as _graphs  # (its import makes the cluster compute()'s default)
 from ..transport.security import Security
 from . import execution
 from .execution import current_task, current_task_priority, wait_in_slot
@@ -102,7 +102,7 @@ class TaskExecutorFactory:
 def install(scheduler_address: str, security: Security | None) -> None:
     """Make tasks in this (worker) process submit to, and wait on, their own cluster."""
     factory = TaskExecutorFactory(scheduler_address, security)
-    _graphs._task_executor = factory
+    _current._task_executor = factory
     _future.task_wait_hook = wait_in_slot
     execution.submissions_barrier = factory.barrier
 
