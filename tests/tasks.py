@@ -193,6 +193,10 @@ def full_array(mb, value):
     return np.full(int(mb * 2**20) // 8, float(value))
 
 
+def array_sum(a):
+    return float(a.sum())
+
+
 def break_my_slot():
     """Close the socket of the slot running this task: the slot fails after the task returns,
     outside any task (its result cannot be sent)."""

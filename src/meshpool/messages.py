@@ -232,10 +232,21 @@ class SetInitializer:
 
 @_message
 class Scatter:
-    """Data a client has sent straight to workers' data sockets: rows (key, worker id)."""
+    """Data a client sends straight to workers' data sockets: rows (key, worker id). ``kept``:
+    the client keeps a copy (a task's large arguments, until the task ends) and sends it again
+    if the worker dies before the task ran (ResendData)."""
 
     op: ClassVar[str] = "scatter"
     items: list
+    kept: bool = False
+
+
+@_message
+class DataNotKept:
+    """The answer to a ResendData for keys the client no longer holds a copy of."""
+
+    op: ClassVar[str] = "data-not-kept"
+    keys: list
 
 
 @_message
@@ -321,6 +332,17 @@ class Reply:
 
 
 @_message
+class ResendData:
+    """Kept data (``Scatter.kept``) was lost with its worker, or before it arrived: send it
+    again. Rows: (key, worker id, data address). ``gone``: the data address of the worker that
+    died ("" if none), whose messages still queued in the client can be dropped."""
+
+    op: ClassVar[str] = "resend-data"
+    gone: str
+    items: list
+
+
+@_message
 class ClusterBroken:
     op: ClassVar[str] = "broken"
     kind: str  # "initializer" | "worker-start" | "scheduler"
@@ -369,7 +391,8 @@ class RunInitializer:
 @_message
 class StoreData:
     """Data to hold (scattered by a client). Rows: (key, frame count). ``shm`` rows
-    (frame index, name, size): frames sent as shared-memory files (``transport/shm.py``)."""
+    (frame index, name, size, generation): frames sent through shared memory, a pool segment's
+    generation or 0 for a one-off file (``transport/shm.py``)."""
 
     op: ClassVar[str] = "store"
     items: list
@@ -516,7 +539,7 @@ class GetData:
 @_message
 class Data:
     """Values for a GetData. Rows: (key, frame count), frame count -1 for a key not held.
-    ``shm`` rows (frame index, name, size): frames sent as shared-memory files."""
+    ``shm`` rows (frame index, name, size, generation): frames sent through shared memory."""
 
     op: ClassVar[str] = "data"
     request_id: int

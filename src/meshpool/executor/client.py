@@ -90,6 +90,9 @@ class ClientCore(Fetching):
         # key -> dependency keys while the key is held (written by callers at submit, pruned
         # here on release): what visualize() draws for futures
         self.lineage: dict[Any, list] = {}
+        # a pending task's large arguments (args key -> frames, written by callers at submit,
+        # dropped here when the task ends): sent again if their worker dies first (ResendData)
+        self.kept: dict[Any, list] = {}
         self._holding = False  # remote: messages wait in _held until _release (batched)
         self._last_compact = 0.0
         self._held: list = []
@@ -405,16 +408,21 @@ class ClientCore(Fetching):
         self._send(m.SetInitializer(frames))
 
     def _cmd_store(
-        self, address: str, items: list, frames: list, spec: list, scatter_rows: list
+        self,
+        address: str,
+        items: list,
+        frames: list,
+        spec: list,
+        scatter_rows: list,
+        kept: bool = False,
     ) -> None:
-        """Send data straight to a worker's data socket, then tell the scheduler. ``spec``:
+        """Tell the scheduler, then send data straight to a worker's data socket. ``spec``:
         frames the caller already put in shared memory (``shm.pack_frames``)."""
-        sock = self._data_sock(address)
-        out = m.encode(m.StoreData(items, spec, frames))
-        self.stats["client_bytes_sent"] += serialize.nbytes(out)
-        self.stats["shm_bytes_sent"] += shm.total(spec)
-        sock.send_multipart(out, copy=False)
-        self._send(m.Scatter(scatter_rows))
+        self._send(m.Scatter(scatter_rows, kept))
+        if self._holding:  # the scheduler must know the keys before the worker reports them
+            self._release()
+            self._holding = True
+        self._send_data(address, m.StoreData(items, spec, frames))
 
     def _cmd_fetch(self, keys: list, reply: PlainFuture) -> None:
         fetch_id = next(self._ids)
@@ -484,6 +492,8 @@ class ClientCore(Fetching):
         fut = self.pending.pop(msg.key, None)
         if fut is None:
             return
+        if self.kept:
+            self.kept.pop(("args", msg.key), None)
         self.stats["finished"] += 1
         if msg.has_value:
             fut.set_result(Packed(msg.frames))
@@ -495,6 +505,8 @@ class ClientCore(Fetching):
         fut = self.pending.pop(msg.key, None)
         if fut is None:
             return
+        if self.kept:
+            self.kept.pop(("args", msg.key), None)
         self.stats["finished"] += 1
         fut.set_exception(serialize.loads_exception(msg.frames))
 
@@ -504,6 +516,8 @@ class ClientCore(Fetching):
             if fut is not None:
                 self.stats["finished"] += 1
                 fut._mark_cancelled()
+                if self.kept:
+                    self.kept.pop(("args", key), None)
 
     def _on_cancel_reply(self, msg: m.CancelReply) -> None:
         self._on_cancelled(m.TasksCancelled(msg.cancelled))
@@ -532,6 +546,7 @@ class ClientCore(Fetching):
         m.Reply: _on_reply,
         m.ClusterBroken: _on_broken,
         m.WhoHasReply: Fetching._on_who_has,
+        m.ResendData: Fetching._on_resend,
     }
 
     def _reply(self, request_id: int, value: Any) -> None:
@@ -575,6 +590,7 @@ class ClientCore(Fetching):
             return
         self.broken = exc
         pending, self.pending = self.pending, {}
+        self.kept.clear()
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(exc)

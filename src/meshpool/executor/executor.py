@@ -310,9 +310,12 @@ class Executor(cf.Executor):
         key: Any,
         priority: tuple,
         frames: list | None = None,
+        keep: bool = True,
     ) -> tuple[tuple, list]:
         """Serialize one task whose dependencies (futures or key refs) are ``deps``;
-        ``frames``, when given, are its arguments already pickled."""
+        ``frames``, when given, are its arguments already pickled. Large arguments are stored
+        on a worker first; with ``keep`` (the task has a future) the client keeps them until
+        the task ends, to send them again if that worker dies first."""
         if not callable(fn):
             raise TypeError(f"{fn!r} is not callable")
         fn_bytes = self._functions.dumps(fn)
@@ -326,7 +329,9 @@ class Executor(cf.Executor):
         task_options = _task_options(options)
         if serialize.nbytes(frames) > LARGE_ARGUMENTS:
             args_key = ("args", key)
-            self._store([args_key], [frames], None)
+            if keep:
+                self._core.kept[args_key] = frames
+            self._store([args_key], [frames], None, kept=keep)
             dep_keys.append(args_key)
             task_options = dict(task_options or {}, args_key=args_key)
             frames = []
@@ -340,6 +345,14 @@ class Executor(cf.Executor):
             if row[4] and "args_key" in row[4]:
                 self._core.command("release", row[4]["args_key"])
         return fut
+
+    def _submit_rows(self, rows: list, frames: list, futures: list[Future]) -> None:
+        """Submit prepared tasks; then release their large arguments' keys, which the client
+        wanted only until the tasks that need them were submitted."""
+        self._core.command("submit", rows, frames, futures)
+        args_keys = [row[4]["args_key"] for row in rows if row[4] and "args_key" in row[4]]
+        if args_keys:
+            self._core.command("release-many", args_keys)
 
     def _submit_many(
         self, fn: Callable, arg_tuples: Iterable[tuple], options: dict | None
@@ -358,11 +371,11 @@ class Executor(cf.Executor):
                 batch.append(fut)
                 dependencies += len(row[1])
                 if len(rows) >= SUBMIT_BATCH or dependencies >= BATCH_DEPENDENCIES:
-                    self._core.command("submit", rows, frames, batch)
+                    self._submit_rows(rows, frames, batch)
                     futures.extend(batch)
                     rows, frames, batch, dependencies = [], [], [], 0
             if rows:
-                self._core.command("submit", rows, frames, batch)
+                self._submit_rows(rows, frames, batch)
                 futures.extend(batch)
         return futures
 
@@ -496,8 +509,10 @@ class Executor(cf.Executor):
         frames_per_key: list[list],
         names: list[str] | None,
         futures: list[Future] | None = None,
+        kept: bool = False,
     ) -> None:
-        """Send data straight to workers' data sockets, round robin among ``names`` (or all)."""
+        """Send data straight to workers' data sockets, round robin among ``names`` (or all).
+        ``kept``: the client holds a copy and resends it if asked (``Scatter.kept``)."""
         targets = self._live_workers(names)
         by_worker: dict[str, tuple[list, list, list]] = {}
         hosts: dict[str, str] = {}
@@ -516,7 +531,7 @@ class Executor(cf.Executor):
             # a worker on this host gets big frames as shared-memory files, copied here in the
             # caller's thread (the I/O thread only sends their names)
             out, spec = shm.pack_frames(out, hosts[address], self._core.prefix)
-            self._core.command("store", address, items, out, spec, rows)
+            self._core.command("store", address, items, out, spec, rows, kept)
 
     def _live_workers(self, names: list[str] | None) -> list[dict]:
         """Workers to send data to; the list is reused for a second (a round trip saved per

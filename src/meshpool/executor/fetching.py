@@ -1,6 +1,8 @@
-"""Fetching results from the workers that hold them: the client I/O thread's data path.
+"""Fetching results from the workers that hold them, and sending data to workers: the client
+I/O thread's data path.
 
     result() of a large value ──fetch──▶ WhoHas (scheduler) ──▶ GetData to the holder's data socket
+    large arguments ──StoreData──▶ a worker's data socket (again on ResendData, if it died first)
 
 A fetch asks the scheduler where its keys are, then each holder for its share; a holder that does
 not answer within :data:`FETCH_TIMEOUT` is given up on and the scheduler asked again (the data may
@@ -51,6 +53,7 @@ class Fetching:
     fetches: dict[int, FetchRequest]
     data_requests: dict[int, tuple[int, str, float]]  # GetData id -> (fetch id, address, sent)
     data_socks: dict[str, zmq.Socket]
+    kept: dict[Any, list]  # pending tasks' large arguments, by data key
     security: Security | None
     stats: dict[str, int]
     _ids: Any
@@ -89,6 +92,31 @@ class Fetching:
             self._data_sock(address).send_multipart(
                 m.encode(m.GetData(data_id, keys, shm.host_key()))
             )
+
+    def _send_data(self, address: str, msg: m.StoreData) -> None:
+        out = m.encode(msg)
+        self.stats["client_bytes_sent"] += serialize.nbytes(out)
+        self.stats["shm_bytes_sent"] += shm.total(msg.shm)
+        self._data_sock(address).send_multipart(out, copy=False)
+
+    def _on_resend(self, msg: m.ResendData) -> None:
+        """The worker holding (or receiving) a pending task's large arguments died: send our
+        copy to the worker the scheduler named, through its socket (this thread copies
+        nothing into shared memory)."""
+        if msg.gone:  # what still waits in our queue for the dead worker goes with its socket
+            for data_id, (_, address, _) in list(self.data_requests.items()):
+                if address == msg.gone:
+                    self._abandon_data_request(data_id, address)
+            self._drop_data_sock(msg.gone)
+        missing = []
+        for key, _worker_id, address in msg.items:
+            frames = self.kept.get(key)
+            if frames is None:
+                missing.append(key)
+            else:
+                self._send_data(address, m.StoreData([(key, len(frames))], [], frames))
+        if missing:
+            self._send(m.DataNotKept(missing))
 
     def _ask_who_has(self, fetch_id: int) -> None:
         fetch = self.fetches[fetch_id]

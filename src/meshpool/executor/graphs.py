@@ -81,6 +81,7 @@ def submit_graph(executor: Executor, dsk: Any, keys: Any, priority: int = 0) -> 
                 None,
                 cluster_key,
                 (-priority, batch, ranks[key]),
+                keep=key in wanted,  # (an internal key's client hears nothing when it ends)
             )
             if key in wanted:
                 fut = refs[key] = futures[key] = Future(cluster_key, core)
@@ -91,13 +92,13 @@ def submit_graph(executor: Executor, dsk: Any, keys: Any, priority: int = 0) -> 
             frames.extend(task_frames)
             batch_deps += len(row[1])
             if len(rows) >= GRAPH_BATCH or batch_deps >= BATCH_DEPENDENCIES:
-                core.command("submit", rows, frames, new_futures)
+                executor._submit_rows(rows, frames, new_futures)
                 rows, frames, new_futures, batch_deps = [], [], [], 0
                 if releasable:
                     core.command("release-many", releasable)
                     releasable = []
         if rows:
-            core.command("submit", rows, frames, new_futures)
+            executor._submit_rows(rows, frames, new_futures)
         if releasable:
             core.command("release-many", releasable)
     return futures

@@ -175,6 +175,7 @@ class WorkerState:
         "versions",
         "retiring",
         "handoff",
+        "arriving",
     )
 
     def __init__(self, msg: m.RegisterWorker) -> None:
@@ -196,6 +197,8 @@ class WorkerState:
         self.pid = msg.pid
         self.retiring: list | None = None  # None, or the (client, request) waiting on it
         self.handoff: set = set()  # keys asked to be copied elsewhere while retiring
+        # data a client sends straight to this worker (Scatter), not yet reported (AddKeys)
+        self.arriving: dict[Any, TaskState] = {}
         self.versions = msg.versions
 
     def __repr__(self) -> str:

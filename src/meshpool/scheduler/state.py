@@ -42,7 +42,10 @@ parent), or a task tree would run breadth-first, every prefetched task blocking 
 References: a task is kept while a client wants it (``wanted_by``) or a pending task needs it
 (``waiters``). Dropping a future releases the key but never cancels the task; the result is
 forgotten once it is done. A result lost with its worker is recomputed from its spec when it is
-still needed; scattered data has no spec and fails with DataLost.
+still needed. Data a client sent straight to a worker has no spec: it is tracked from the
+moment it is announced (``WorkerState.arriving``), so it is lost with its worker even before it
+arrived; a task's large arguments are then sent again by the client that kept them
+(ResendData), scattered data fails with DataLost.
 
 Where the code lives: this module has the entry points and the message handlers. The rules
 they share are layers of :class:`SchedulerState`, one module each: ``model`` (TaskState,
@@ -71,6 +74,7 @@ from .model import (
     Outgoing,
     TaskState,
     WorkerState,
+    _error_frames,
     _missing_dependency_error,
     _Recall,
     _with,
@@ -136,6 +140,8 @@ class SchedulerState(Retirement):
         self._retired: set[str] = set()  # told to close after retiring (no longer schedulable)
         self._out: Outgoing = []
         self._frees: dict[str, m.FreeKeys] = {}  # this step's FreeKeys message per worker
+        # kept data to resend once a worker joins (and the worker it was lost with)
+        self._homeless: dict[Any, tuple[TaskState, WorkerState | None]] = {}
         self._client_handlers: dict[type, Callable[[str, Any], None]] = {
             m.SubmitTasks: self._client_submit,
             m.ReleaseKeys: self._client_release,
@@ -144,6 +150,7 @@ class SchedulerState(Retirement):
             m.IsRunning: self._client_is_running,
             m.SetInitializer: self._client_initializer,
             m.Scatter: self._client_scatter,
+            m.DataNotKept: self._client_not_kept,
             m.GetWorkers: self._client_get_workers,
             m.Ping: self._client_ping,
             m.RetireWorkers: self._client_retire,
@@ -212,8 +219,15 @@ class SchedulerState(Retirement):
         for ts in list(ws.has_what):
             ts.who_has = _without(ts.who_has, ws)
             if not ts.who_has and ts.state == MEMORY:
-                self._data_lost(ts, ws)
+                if ts.spec is None:
+                    self._scattered_lost(ts, ws, blame)
+                else:
+                    self._data_lost(ts, ws)
         ws.has_what.clear()
+        arriving, ws.arriving = ws.arriving, {}
+        for ts in arriving.values():  # sent here by a client, never reported: lost on the way
+            if self.tasks.get(ts.key) is ts and ts.state == WAITING:
+                self._scattered_lost(ts, ws, blame)
         executing = {q[0] for q in ws.slots if q} | ws.blocked
         executing.update(t for t in ws.processing if t.recall is not None and t.recall.started)
         recalled: list[tuple[TaskState, _Recall]] = []
@@ -254,7 +268,26 @@ class SchedulerState(Retirement):
         for ts in [ts for ts in self.tasks.values() if client_id in ts.wanted_by]:
             ts.wanted_by = _without(ts.wanted_by, client_id)
             self._maybe_forget(ts)
+        # what it was sending may never arrive (its sockets closed), and it resends nothing
+        for ts in self._take_arriving(lambda t: (t.options or {}).get("from") == client_id):
+            self._data_lost(ts, None)
+        self._dispatch()
         return self._flush()
+
+    def _take_arriving(self, which: Callable[[TaskState], bool]) -> list[TaskState]:
+        """Take the data on its way to workers (or waiting for one to join) that ``which``
+        selects out of the bookkeeping; the still-waiting ones."""
+        taken = []
+        for table in [ws.arriving for ws in self.workers.values()]:
+            for key, ts in list(table.items()):
+                if which(ts):
+                    del table[key]
+                    taken.append(ts)
+        for key, (ts, _) in list(self._homeless.items()):
+            if which(ts):
+                del self._homeless[key]
+                taken.append(ts)
+        return [ts for ts in taken if self.tasks.get(ts.key) is ts and ts.state == WAITING]
 
     # --- clients -----------------------------------------------------------------------------
 
@@ -341,15 +374,36 @@ class SchedulerState(Retirement):
                 self._send(f"{ws.id}/{slot}", m.RunInitializer(msg.frames))
 
     def _client_scatter(self, client_id: str, msg: m.Scatter) -> None:
-        """The client sent data straight to workers; the keys wait for the workers' AddKeys."""
-        for key, _worker_id in msg.items:
+        """The client sends data straight to workers; the keys wait for the workers' AddKeys.
+        Data for a worker that is gone already is lost at once (resent, if ``kept``)."""
+        for key, worker_id in msg.items:
             ts = self.tasks.get(key)
+            new = ts is None
             if ts is None:
-                ts = TaskState(key, None, (0,), None)
+                ts = TaskState(key, None, (0,), {"from": client_id, "kept": bool(msg.kept)})
                 self.tasks[key] = ts
             ts.wanted_by = _with(ts.wanted_by, client_id)
             if ts.state == MEMORY:
                 self._report(ts, client_id)
+            elif new:
+                ws = self.workers.get(worker_id)
+                if ws is not None:
+                    ws.arriving[key] = ts
+                else:
+                    self._data_lost(ts, None)
+        self._dispatch()
+
+    def _client_not_kept(self, client_id: str, msg: m.DataNotKept) -> None:
+        """The client could not resend data: it is lost."""
+        keys = set(msg.keys)
+        for ts in self._take_arriving(lambda t: t.key in keys):
+            self._fail(
+                ts,
+                _error_frames(
+                    "DataLost", f"{ts.key!r} was lost with its worker, and its client has no copy"
+                ),
+            )
+        self._dispatch()
 
     def _client_get_workers(self, client_id: str, msg: m.GetWorkers) -> None:
         info = [ws.info() for ws in self.workers.values() if ws.id not in self._retired]
@@ -366,6 +420,10 @@ class SchedulerState(Retirement):
         ws = WorkerState(msg)
         self.workers[ws.id] = ws
         logger.info("worker %s joined (%d threads, %s)", ws.name, ws.nthreads, ws.address)
+        homeless, self._homeless = self._homeless, {}
+        for ts, gone in homeless.values():  # lost while no worker was there to take it
+            if self.tasks.get(ts.key) is ts and ts.state == WAITING:
+                self._data_lost(ts, gone)
         for ts in list(self._no_worker):
             if self._fits(ts, ws):
                 self._no_worker.discard(ts)
@@ -440,6 +498,7 @@ class SchedulerState(Retirement):
 
     def _worker_add_keys(self, ws: WorkerState, msg: m.AddKeys) -> None:
         for key, nbytes in msg.items:
+            ws.arriving.pop(key, None)
             ts = self.tasks.get(key)
             if ts is None:  # released before it landed
                 self._free(ws, key)
@@ -534,3 +593,7 @@ class SchedulerState(Retirement):
             assert sum(len(q) for q in ws.slots) + len(ws.blocked) == len(ws.processing), ws
             assert ws.nbytes == sum(t.nbytes for t in ws.has_what), ws
             assert ws.waiting_nbytes == sum(t.nbytes for t in ws.has_what if t.waiters), ws
+            for key, ts in ws.arriving.items():
+                assert ts.key == key and ts.spec is None and ts.state != MEMORY, (ts, ws)
+        for key, (ts, _) in self._homeless.items():
+            assert ts.key == key and ts.spec is None, ts

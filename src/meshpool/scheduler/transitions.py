@@ -50,6 +50,7 @@ class Transitions:
     _retired: set[str]
     _out: Outgoing
     _frees: dict[str, m.FreeKeys]
+    _homeless: dict[Any, tuple[TaskState, WorkerState | None]]
 
     # defined further up the chain (recalls.py, placement.py, state.py)
     def _end_recall(self, ts: TaskState, cancelled: list[TaskState]) -> None:
@@ -97,24 +98,62 @@ class Transitions:
             self._push_ready(ts)
 
     def _data_lost(self, ts: TaskState, ws: WorkerState | None) -> None:
-        """A result has no holder left: recompute it if anything still needs it."""
+        """A result has no holder left (or data a client sent never arrived): recompute it, or
+        have its client send it again, if anything still needs it; else DataLost."""
         needed = ts.wanted_by or ts.waiters
         if not needed:
             self._forget(ts)
             return
         if ts.spec is None:
             ts.state = WAITING  # out of MEMORY, or _fail would take it for finished and skip it
-            where = f" on {ws.name}" if ws is not None else ""
-            self._fail(
-                ts,
-                _error_frames(
-                    "DataLost",
-                    f"{ts.key!r} lived only{where}, which is gone, and has no lineage "
-                    "(scattered data) to recompute it from",
-                ),
-            )
+            if not self._resend(ts, ws):
+                self._fail(ts, _error_frames("DataLost", self._lost_reason(ts, ws)))
             return
         self._make_ready_or_wait(ts)
+
+    def _resend(self, ts: TaskState, gone: WorkerState | None) -> bool:
+        """Ask the client that kept a copy of lost data (a task's large arguments) to send it
+        again, to the worker receiving the least such data (or to the next worker to join).
+        False if nobody can: not kept, its client gone, or lost with too many workers."""
+        options = ts.options or {}
+        client_id = options.get("from")
+        if (
+            not options.get("kept")
+            or client_id not in self.clients
+            or ts.suspicious >= self.killed_worker_limit
+        ):
+            return False
+        open_workers = [w for w in self.workers.values() if w.retiring is None]
+        if not open_workers:
+            self._homeless[ts.key] = (ts, gone)
+            return True
+        target = min(open_workers, key=lambda w: (len(w.arriving), w.nbytes))
+        target.arriving[ts.key] = ts
+        row = (ts.key, target.id, target.address)
+        self._send(client_id, m.ResendData(gone.address if gone is not None else "", [row]))
+        return True
+
+    def _lost_reason(self, ts: TaskState, ws: WorkerState | None) -> str:
+        options = ts.options or {}
+        if not options.get("kept"):
+            where = f" on {ws.name}" if ws is not None else ""
+            return (
+                f"{ts.key!r} lived only{where} (held or on its way there), which is gone, and "
+                "has no lineage (scattered data) to recompute it from"
+            )
+        if ts.suspicious >= self.killed_worker_limit:
+            return (
+                f"{ts.key!r} (data sent by its client) was lost with {ts.suspicious} workers "
+                "that died holding or receiving it"
+            )
+        return f"{ts.key!r} was lost with its worker, and the client that kept a copy is gone"
+
+    def _scattered_lost(self, ts: TaskState, ws: WorkerState, blame: bool) -> None:
+        """``ws`` died holding or receiving data a client sent (no spec); ``blame``: count it
+        against the data (a worker killed by receiving it, again and again, ends in DataLost)."""
+        if blame:
+            ts.suspicious += 1
+        self._data_lost(ts, ws)
 
     def _release_slot(self, ts: TaskState, ws: WorkerState) -> None:
         ws.processing.discard(ts)
