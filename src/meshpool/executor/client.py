@@ -41,6 +41,7 @@ from ..transport import serialize, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import BATCH_DEPENDENCIES, MalformedMessage
 from ..transport.security import Security
+from ..transport.shmpool import SegmentPool
 from ..transport.sockets import (
     enable_heartbeats,
     make_socket,
@@ -76,6 +77,7 @@ class ClientCore(Fetching):
     ) -> None:
         self.client_id = f"client-{uuid.uuid4().hex[:12]}"
         self.prefix = uuid.uuid4().hex[:8]
+        self.shm_pool = SegmentPool(self.prefix)  # big arguments go through these segments
         self.address = address
         self.security = security
         self.timeout = timeout
@@ -558,6 +560,8 @@ class ClientCore(Fetching):
         if now - self._last_compact > COMPACT_INTERVAL:  # emptied tables back to the allocator
             self._last_compact = now
             self.pending = shrunk(self.pending)  # (only this thread writes it)
+            self.shm_pool.trim()  # segments freed by dead workers, idle ones
+            shm.prune_mappings()  # workers' segments whose file is gone
         if self.server is not None:
             self.server.on_tick(now)
         elif self.dealer is not None and now - self._last_from_scheduler > SCHEDULER_SILENCE:
@@ -648,6 +652,7 @@ class ClientCore(Fetching):
             self.cluster.close()
         if self.server is not None:
             self.server.close()
+        self.shm_pool.close()
         shm.remove_own(self.prefix)  # data sent to workers that never took it in
         if self.directory is not None:
             remove_directory(self.directory)

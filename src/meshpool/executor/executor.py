@@ -530,7 +530,7 @@ class Executor(cf.Executor):
         for address, (items, out, rows) in by_worker.items():
             # a worker on this host gets big frames as shared-memory files, copied here in the
             # caller's thread (the I/O thread only sends their names)
-            out, spec = shm.pack_frames(out, hosts[address], self._core.prefix)
+            out, spec = shm.pack_frames(out, hosts[address], self._core.prefix, self._core.shm_pool)
             self._core.command("store", address, items, out, spec, rows, kept)
 
     def _live_workers(self, names: list[str] | None) -> list[dict]:

@@ -27,15 +27,30 @@ Shared memory is used only between peers whose :func:`host_key` is the same non-
 is empty when ``MESHPOOL_SHM=0`` or ``/dev/shm`` is unusable. :func:`export` declines (the frame
 goes through the socket) when ``/dev/shm`` would keep less than ``MESHPOOL_SHM_RESERVE`` bytes
 (default 64 MiB) free.
+
+Reused segments
+---------------
+Workers and clients send through a :class:`~meshpool.transport.shmpool.SegmentPool` first: files
+that stay, are written again and again (one ``memcpy`` into pages allocated long ago, instead of
+new tmpfs pages per transfer) and carry a header the receiver writes to. Their spec rows carry a
+*generation* (one-off files: 0). The receiver side is here (:func:`attach_segment`): it maps a
+segment once and keeps the mapping (so later transfers through it take no page faults either),
+marks the segment taken with its pid, and hands out a view whose last reference, when dropped,
+marks the segment free for its sender to reuse. Header (first :data:`HEADER` bytes)::
+
+    0 magic | 8 state (FREE, SENT, TAKEN) | 12 receiver pid | 16 generation | 24 size | 32 sent at
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+import struct
 import threading
 import time
 import uuid
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -43,6 +58,14 @@ SHM_DIR = "/dev/shm"
 THRESHOLD = 1 << 20  # frames at least this big take the shared-memory path
 FREE_MARGIN = 64 << 20  # leave this much of /dev/shm free for everybody else
 EXPIRY = 300.0  # seconds after which an owner removes a file nobody attached
+
+HEADER = 4096  # a segment's header page; its data starts here (page-aligned)
+MAGIC = b"MPSEG001"
+FREE, SENT, TAKEN = 0, 1, 2  # a segment's state byte (offset 8)
+_STATE = 8
+_PID = struct.Struct("<I")  # at 12: the receiver that took it
+_SENT = struct.Struct("<QQd")  # at 16: generation, size, time.time() it was sent
+POOL_MARK = "-pool-"  # in segment names: files of a pool, which expire_own leaves alone
 
 _counts_lock = threading.Lock()
 _counts = {"sent": 0, "received": 0}  # bytes through shared memory, this process
@@ -65,12 +88,15 @@ def _host_identity() -> str:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
         netns = os.stat("/proc/self/ns/net").st_ino
+        # the pid namespace too: orphans are found, and pool segments reclaimed, by the pids of
+        # their processes, which mean nothing across pid namespaces
+        pidns = os.stat("/proc/self/ns/pid").st_ino
         shm = os.stat(SHM_DIR)
     except OSError:
         return ""
     if not os.access(SHM_DIR, os.W_OK):
         return ""
-    return f"{boot}:{netns}:{shm.st_dev}:{shm.st_ino}:{os.getuid()}"
+    return f"{boot}:{netns}:{pidns}:{shm.st_dev}:{shm.st_ino}:{os.getuid()}"
 
 
 def statistics() -> dict:
@@ -95,15 +121,27 @@ def _free_margin() -> int:
         return FREE_MARGIN
 
 
+def has_room(size: int) -> bool:
+    """Whether ``size`` more bytes leave ``/dev/shm`` its reserve (``MESHPOOL_SHM_RESERVE``)."""
+    try:
+        stats = os.statvfs(SHM_DIR)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize >= size + _free_margin()
+
+
+def write_all(fd: int, view: memoryview, offset: int = 0) -> None:
+    """``pwrite`` all of ``view`` at ``offset`` (tmpfs pages allocated without zeroing them)."""
+    written = 0
+    while written < view.nbytes:
+        written += os.pwrite(fd, view[written:], offset + written)
+
+
 def export(buffer: Any, tag: str = "p") -> tuple[str, int] | None:
     """Copy a buffer into a new private shared-memory file; None if there is no room."""
     view = memoryview(buffer).cast("B")
     size = view.nbytes
-    try:
-        stats = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    if stats.f_bavail * stats.f_frsize < size + _free_margin():
+    if not has_room(size):
         return None
     name = _prefix(tag) + uuid.uuid4().hex
     path = os.path.join(SHM_DIR, name)
@@ -112,9 +150,7 @@ def export(buffer: Any, tag: str = "p") -> tuple[str, int] | None:
     except OSError:
         return None
     try:
-        written = 0
-        while written < size:
-            written += os.write(fd, view[written:])
+        write_all(fd, view)
     except OSError:  # full after all (a race with another writer)
         _unlink(path)
         return None
@@ -126,8 +162,7 @@ def export(buffer: Any, tag: str = "p") -> tuple[str, int] | None:
 
 def attach(name: str, size: int) -> memoryview:
     """Map an exported file and unlink it; the mapping outlives the name."""
-    if "/" in name or not name.startswith("meshpool-"):
-        raise ValueError(f"not a meshpool shared-memory name: {name!r}")
+    _check_name(name)
     path = os.path.join(SHM_DIR, name)
     try:
         fd = os.open(path, os.O_RDWR)
@@ -153,6 +188,128 @@ def discard(name: str) -> None:
     """Remove an exported file nobody will attach (the send failed)."""
     if "/" not in name and name.startswith("meshpool-"):
         _unlink(os.path.join(SHM_DIR, name))
+
+
+# --- the receiving side of pool segments ---------------------------------------------------------
+
+
+class _Mapped:
+    """A segment this process mapped: kept for the next transfer through it (its page tables
+    stay filled), dropped once it holds no live view and its file is gone."""
+
+    __slots__ = ("mapping", "inode", "live", "region_type")
+
+    def __init__(self, mapping: mmap.mmap, inode: int) -> None:
+        self.mapping = mapping
+        self.inode = inode
+        self.live = 0  # views handed out and not yet released
+        # a ctypes array over the data: a buffer that can carry a weakref finalizer (a
+        # memoryview cannot); capacities are size classes, so few such types exist
+        self.region_type = ctypes.c_char * (len(mapping) - HEADER)
+
+
+_mapped: dict[str, _Mapped] = {}
+_mapped_lock = threading.RLock()  # (a release may run in a finalizer while the lock is held)
+_last_prune = 0.0
+PRUNE_INTERVAL = 1.0  # seconds between looks for mapped segments whose file is gone
+
+
+def attach_segment(name: str, size: int, generation: int) -> memoryview:
+    """A view of the ``size`` bytes a pool segment carries for us, valid as long as it lives.
+
+    The segment is marked taken (with our pid, so its sender can reclaim it if we die), and
+    free again when the view and everything built on it (arrays) are gone.
+    """
+    _check_name(name)
+    with _mapped_lock:
+        entry = _mapped.get(name) or _map_segment(name)
+        mapping = entry.mapping
+        if bytes(mapping[:8]) != MAGIC or size > len(mapping) - HEADER:
+            raise SharedMemoryLost(f"shared-memory segment {name} is not one of ours")
+        state = mapping[_STATE]
+        sent_generation, sent_size, _ = _SENT.unpack_from(mapping, 16)
+        if state != SENT or sent_generation != generation or sent_size != size:
+            raise SharedMemoryLost(f"shared-memory segment {name} no longer holds our data")
+        _PID.pack_into(mapping, 12, os.getpid())  # (before the state: a sender reading TAKEN
+        mapping[_STATE] = TAKEN  # finds the pid that took it)
+        region = entry.region_type.from_buffer(mapping, HEADER)
+        entry.live += 1
+    weakref.finalize(region, _release, entry, generation)
+    _count("received", size)
+    return memoryview(region).cast("B")[:size]
+
+
+def _map_segment(name: str) -> _Mapped:
+    path = os.path.join(SHM_DIR, name)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise SharedMemoryLost(f"shared-memory segment {name} is gone") from None
+    try:
+        stat = os.fstat(fd)
+        if stat.st_size <= HEADER:
+            raise SharedMemoryLost(f"shared-memory segment {name} is truncated")
+        mapping = mmap.mmap(fd, stat.st_size, flags=mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+    entry = _mapped[name] = _Mapped(mapping, stat.st_ino)
+    return entry
+
+
+def _release(entry: _Mapped, generation: int) -> None:
+    """The last view of a transfer is gone: its sender may reuse the segment."""
+    with _mapped_lock:
+        entry.live -= 1
+        mapping = entry.mapping
+        if mapping.closed:
+            return
+        if mapping[_STATE] == TAKEN and _SENT.unpack_from(mapping, 16)[0] == generation:
+            mapping[_STATE] = FREE
+
+
+def decline_segment(name: str, generation: int) -> None:
+    """Hand back a segment sent to us that we will not take (the message failed)."""
+    try:
+        _check_name(name)
+        with _mapped_lock:
+            entry = _mapped.get(name) or _map_segment(name)
+            mapping = entry.mapping
+            if mapping[_STATE] == SENT and _SENT.unpack_from(mapping, 16)[0] == generation:
+                mapping[_STATE] = FREE
+    except (OSError, ValueError):
+        pass
+
+
+def prune_mappings(force: bool = False) -> None:
+    """Forget mapped segments that hold no live view and whose sender removed the file (the
+    mapping alone would keep its memory); with ``force``, every one with no live view (memory
+    pressure: the next transfer through it maps it again). Throttled to :data:`PRUNE_INTERVAL`."""
+    global _last_prune
+    now = time.monotonic()
+    if not force and now - _last_prune < PRUNE_INTERVAL:
+        return
+    _last_prune = now
+    with _mapped_lock:
+        for name, entry in list(_mapped.items()):
+            if entry.live == 0 and (force or not _same_file(name, entry.inode)):
+                del _mapped[name]  # (closed when the finalizers holding it are gone too)
+
+
+def mapped_segments() -> int:
+    """How many pool segments of other processes this process keeps mapped."""
+    return len(_mapped)
+
+
+def _same_file(name: str, inode: int) -> bool:
+    try:
+        return os.stat(os.path.join(SHM_DIR, name)).st_ino == inode
+    except OSError:
+        return False
+
+
+def _check_name(name: str) -> None:
+    if "/" in name or not name.startswith("meshpool-"):
+        raise ValueError(f"not a meshpool shared-memory name: {name!r}")
 
 
 def _unlink(path: str) -> None:
@@ -193,11 +350,12 @@ def remove_own(tag: str | None = None) -> None:
 
 
 def expire_own(max_age: float = EXPIRY) -> None:
-    """Remove this process's files older than ``max_age``: their receiver never came."""
+    """Remove this process's files older than ``max_age``: their receiver never came. (Pool
+    segments are their pool's to expire.)"""
     prefix = _prefix("")[:-1]
     cutoff = time.time() - max_age
     for name in _names():
-        if not name.startswith(prefix):
+        if not name.startswith(prefix) or POOL_MARK in name:
             continue
         path = os.path.join(SHM_DIR, name)
         try:
@@ -220,11 +378,16 @@ def _alive(pid: int) -> bool:
 # --- frames <-> shared memory ------------------------------------------------------------------
 
 
-def pack_frames(frames: list, peer_host: str, tag: str = "p") -> tuple[list, list]:
-    """Move a message's big frames to shared memory if the peer shares our host key.
+def pack_frames(
+    frames: list, peer_host: str, tag: str = "p", pool: Any = None
+) -> tuple[list, list]:
+    """Move a message's big frames to shared memory if the peer shares our host key: into
+    segments of ``pool`` (a :class:`~meshpool.transport.shmpool.SegmentPool`) if it has or can
+    make one, else into one-off files.
 
-    Returns the frames still to send and the shared-memory spec ``[(index, name, size)]`` (empty
-    when nothing moved); ``index`` is the frame's place in ``frames``.
+    Returns the frames still to send and the shared-memory spec ``[(index, name, size,
+    generation)]`` (empty when nothing moved); ``index`` is the frame's place in ``frames``,
+    ``generation`` 0 for a one-off file.
     """
     if not peer_host or peer_host != host_key():
         return frames, []
@@ -232,12 +395,21 @@ def pack_frames(frames: list, peer_host: str, tag: str = "p") -> tuple[list, lis
     kept = []
     for index, frame in enumerate(frames):
         size = frame.nbytes if isinstance(frame, memoryview) else len(frame)
-        exported = export(frame, tag) if size >= THRESHOLD else None
-        if exported is None:
+        row = _export_frame(frame, tag, pool) if size >= THRESHOLD else None
+        if row is None:
             kept.append(frame)
         else:
-            spec.append((index, exported[0], exported[1]))
+            spec.append((index, *row))
     return (kept, spec) if spec else (frames, [])
+
+
+def _export_frame(frame: Any, tag: str, pool: Any) -> tuple[str, int, int] | None:
+    if pool is not None:
+        row = pool.export(frame)
+        if row is not None:
+            return row  # type: ignore[no-any-return]
+    exported = export(frame, tag)
+    return None if exported is None else (exported[0], exported[1], 0)
 
 
 def unpack_frames(kept: list, spec: list) -> list:
@@ -252,12 +424,14 @@ def unpack_frames(kept: list, spec: list) -> list:
     rows = _check_spec(spec, len(kept) + len(spec))
     attached: dict[int, memoryview] = {}
     error: BaseException | None = None
-    for index, name, size in rows:
+    for index, name, size, generation in rows:
         if error is not None:
-            discard(name)
+            _give_up(name, generation)
             continue
         try:
-            attached[index] = attach(name, size)
+            attached[index] = (
+                attach_segment(name, size, generation) if generation else attach(name, size)
+            )
         except (OSError, ValueError) as exc:
             error = exc
     if error is not None:
@@ -266,9 +440,27 @@ def unpack_frames(kept: list, spec: list) -> list:
     return [attached[i] if i in attached else next(rest) for i in range(len(kept) + len(rows))]
 
 
-def _check_spec(spec: Any, count: int) -> list[tuple[int, str, int]]:
-    rows = [(int(index), str(name), int(size)) for index, name, size in spec]
-    indices = {index for index, _, _ in rows}
+def _give_up(name: str, generation: int) -> None:
+    """A receiver's side of a file or segment it will not take in."""
+    if generation:
+        decline_segment(name, generation)
+    else:
+        discard(name)
+
+
+def discard_spec(spec: list, pool: Any = None) -> None:
+    """A sender's side of a message that could not be sent: its files and ``pool``'s segments
+    are free again."""
+    for _, name, _, generation in spec:
+        if generation and pool is not None:
+            pool.cancel(name, generation)
+        elif not generation:
+            discard(name)
+
+
+def _check_spec(spec: Any, count: int) -> list[tuple[int, str, int, int]]:
+    rows = [(int(i), str(name), int(size), int(gen)) for i, name, size, gen in spec]
+    indices = {row[0] for row in rows}
     if len(indices) != len(rows) or not indices <= set(range(count)):
         raise ValueError("malformed shared-memory spec")
     return rows
@@ -276,4 +468,4 @@ def _check_spec(spec: Any, count: int) -> list[tuple[int, str, int]]:
 
 def total(spec: list) -> int:
     """Bytes a shared-memory spec carries."""
-    return sum(int(size) for _, _, size in spec)
+    return sum(int(row[2]) for row in spec)

@@ -43,6 +43,7 @@ from ..transport import serialize, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
+from ..transport.shmpool import SegmentPool
 from ..transport.sockets import bind, connect_to_data, control_socket, make_socket
 from .execution import MAX_REPLACEMENTS, Initializers, Recalls, Replacements, Slot, _buffer
 from .store import DataStore
@@ -103,6 +104,7 @@ class Worker:
         self._replica_started: dict[str, float] = {}
         self._replica_request = 0
         self._shm_tag = uuid.uuid4().hex[:8]  # names this worker's shared-memory files
+        self._shm_pool = SegmentPool(self._shm_tag)  # ...and the segments it reuses
         self._last_shm_sweep = time.monotonic()
 
         self.ctrl = control_socket(zmq.DEALER, identity=worker_id.encode())
@@ -276,6 +278,7 @@ class Worker:
             sock.close(linger=0)
         self.ctrl.close(linger=200)  # let a last message (AddKeys) go out
         self.data.close(linger=0)
+        self._shm_pool.close()
         shm.remove_own(self._shm_tag)  # answers nobody took in: they never will now
 
     def _send(self, msg: Any) -> None:
@@ -293,6 +296,11 @@ class Worker:
         scheduler reschedules its tasks (the one running is blamed: KilledWorker after 3)."""
         rss = _rss()
         if self.memory_limit and rss > self.memory_limit:
+            # shared memory kept for reuse (ours, and peers' segments mapped here) goes first
+            self._shm_pool.trim(force=True)
+            shm.prune_mappings(force=True)
+            rss = _rss()
+        if self.memory_limit and rss > self.memory_limit:
             self.exit_reason = (
                 f"memory {rss / 2**20:.0f} MiB exceeds the limit of "
                 f"{self.memory_limit / 2**20:.0f} MiB"
@@ -309,6 +317,8 @@ class Worker:
             unsent, self._unsent = self._unsent, []
             for msg in unsent:
                 self._send(msg)
+        self._shm_pool.trim()  # (throttled: segments freed by dead receivers, idle ones)
+        shm.prune_mappings()  # (throttled: peers' segments whose file is gone)
         if now - self._last_shm_sweep >= SHM_SWEEP_INTERVAL:
             self._last_shm_sweep = now
             shm.expire_own()  # files whose receiver never came (it died, or gave up)
@@ -414,15 +424,15 @@ class Worker:
             else:
                 items.append((key, len(held)))
                 frames.extend(held)
-        frames, spec = shm.pack_frames(frames, msg.host, self._shm_tag)  # a peer on this host
+        # a peer on this host gets big frames through shared memory
+        frames, spec = shm.pack_frames(frames, msg.host, self._shm_tag, self._shm_pool)
         try:
             self.data.send_multipart(
                 [identity, *m.encode(m.Data(msg.request_id, items, spec, frames))], copy=False
             )
         except zmq.ZMQError as exc:
             logger.warning("could not answer a data request: %s", exc)
-            for _, name, _ in spec:
-                shm.discard(name)
+            shm.discard_spec(spec, self._shm_pool)
 
     def _store_data(self, msg: m.StoreData) -> None:
         offset = 0

@@ -1,0 +1,323 @@
+"""Reused shared-memory segments (``transport/shmpool.py``, receiving side in ``shm.py``).
+
+Receivers that must die mid-transfer are real processes (SIGKILLed); the rest runs sender and
+receiver in this process, which exercises the same files, headers and mappings (a receiver maps a
+segment on its own, as another process would). Files are checked by this test's own tags and
+pids: other test runs on this machine may have files of their own in flight.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+import meshpool
+from meshpool.transport import shm, shmpool
+from meshpool.transport.shmpool import SegmentPool
+
+MB = 2**20
+
+pytestmark = pytest.mark.skipif(not shm.host_key(), reason="no usable /dev/shm here")
+
+
+@pytest.fixture
+def pool():
+    pool = SegmentPool(f"t{uuid.uuid4().hex[:6]}")
+    yield pool
+    pool.close()
+    assert _segments(pool) == []
+
+
+def _segments(pool: SegmentPool, pid: int | None = None) -> list[str]:
+    prefix = f"meshpool-{os.getuid()}-{pid or os.getpid()}-{pool.tag}-pool-"
+    return sorted(n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix))
+
+
+def _state(name: str) -> int:
+    with open(os.path.join(shm.SHM_DIR, name), "rb") as f:
+        return f.read(9)[shm._STATE]
+
+
+def _send(pool: SegmentPool, array: np.ndarray) -> tuple:
+    """What a sender puts in a message for one big frame: (kept frames, spec row)."""
+    kept, spec = shm.pack_frames([b"head", memoryview(array).cast("B")], shm.host_key(), pool=pool)
+    assert kept == [b"head"] and len(spec) == 1
+    return kept, spec
+
+
+def _receive(kept: list, spec: list, dtype=np.float64) -> np.ndarray:
+    return np.frombuffer(shm.unpack_frames(kept, spec)[1], dtype=dtype)
+
+
+def _wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+# --- one process --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_a_released_segment_is_reused_with_the_new_data(pool):
+    kept, spec = _send(pool, np.full(MB, 1.0))
+    [(_, name, size, generation)] = spec
+    assert generation == 1 and size == 8 * MB
+    got = _receive(kept, spec)
+    assert bool((got == 1.0).all())
+    assert _state(name) == shm.TAKEN
+    got[0] = 5.0  # writable: the receiver's own until it lets go
+    del got
+    gc.collect()
+    assert _state(name) == shm.FREE
+    kept, spec = _send(pool, np.full(MB, 2.0))
+    assert [(row[1], row[3]) for row in spec] == [(name, 2)]  # same file, next generation
+    got = _receive(kept, spec)
+    assert bool((got == 2.0).all())
+    assert _segments(pool) == [name]
+    assert pool.statistics()["segments"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_held_view_keeps_its_data_while_later_transfers_use_other_segments(pool):
+    held = _receive(*_send(pool, np.arange(MB, dtype=np.float64)))
+    for round_ in range(3):  # each released at once: they share one second segment
+        got = _receive(*_send(pool, np.full(MB, float(round_))))
+        assert bool((got == round_).all())
+        del got
+        gc.collect()
+    assert bool((held == np.arange(MB)).all())
+    assert len(_segments(pool)) == 2
+    del held
+    gc.collect()
+    assert pool.statistics()["segments"] == 2
+
+
+@pytest.mark.timeout(30)
+def test_a_smaller_frame_reuses_a_bigger_segment_and_a_bigger_one_gets_its_own(pool):
+    got = _receive(*_send(pool, np.full(2 * MB, 1.0)))
+    del got
+    gc.collect()
+    kept, spec = _send(pool, np.full(MB // 2, 3.0))  # fits in the free segment
+    got = _receive(kept, spec)
+    assert got.size == MB // 2 and bool((got == 3.0).all())
+    del got
+    gc.collect()
+    got = _receive(*_send(pool, np.full(4 * MB, 4.0)))
+    assert got.size == 4 * MB and bool((got == 4.0).all())
+    assert len(_segments(pool)) == 2
+
+
+@pytest.mark.timeout(30)
+def test_an_answer_for_an_old_generation_is_lost_not_wrong(pool):
+    first = _send(pool, np.full(MB, 1.0))
+    shm.decline_segment(first[1][0][1], first[1][0][3])  # its message failed: free again
+    second = _send(pool, np.full(MB, 2.0))
+    assert second[1][0][1] == first[1][0][1]
+    with pytest.raises(shm.SharedMemoryLost):
+        _receive(*first)  # the segment carries another transfer now
+    assert bool((_receive(*second) == 2.0).all())
+
+
+@pytest.mark.timeout(30)
+def test_a_segment_nobody_took_expires_and_is_never_reused(pool, monkeypatch):
+    kept, spec = _send(pool, np.full(MB, 1.0))
+    monkeypatch.setattr(shm, "EXPIRY", 0.0)
+    pool.tidy()
+    assert _segments(pool) == []
+    with pytest.raises(shm.SharedMemoryLost):
+        _receive(kept, spec)
+
+
+@pytest.mark.timeout(30)
+def test_idle_segments_are_removed_and_the_pool_keeps_at_most_its_bytes(pool, monkeypatch):
+    views = [_receive(*_send(pool, np.full(MB, float(i)))) for i in range(3)]
+    assert len(_segments(pool)) == 3
+    del views
+    gc.collect()
+    pool.keep = 9 * MB  # room for one 8 MiB segment
+    pool.tidy()
+    assert len(_segments(pool)) == 1
+    monkeypatch.setattr(shmpool, "POOL_IDLE", 0.0)
+    pool.tidy()
+    assert _segments(pool) == []
+
+
+@pytest.mark.timeout(30)
+def test_a_mapping_is_kept_for_reuse_and_dropped_once_its_file_is_gone(pool):
+    got = _receive(*_send(pool, np.full(MB, 1.0)))
+    [name] = _segments(pool)
+    del got
+    gc.collect()
+    assert name in shm._mapped
+    shm.prune_mappings(force=False)  # (throttled or not: the file is there, so it stays)
+    assert name in shm._mapped
+    pool.tidy(force=True)  # the sender lets it go
+    assert _segments(pool) == []
+    shm._last_prune = 0.0
+    shm.prune_mappings()
+    assert name not in shm._mapped
+
+
+@pytest.mark.timeout(30)
+def test_no_room_for_a_new_segment_means_a_free_one_or_the_socket(pool, monkeypatch):
+    got = _receive(*_send(pool, np.full(MB, 1.0)))
+    monkeypatch.setenv("MESHPOOL_SHM_RESERVE", str(2**62))  # /dev/shm "full"
+    frames = [b"head", memoryview(np.full(MB, 2.0)).cast("B")]
+    kept, spec = shm.pack_frames(frames, shm.host_key(), pool=pool)
+    assert spec == [] and kept is frames  # the one segment is held: the socket carries it
+    del got
+    gc.collect()
+    kept, spec = shm.pack_frames(frames, shm.host_key(), pool=pool)
+    assert len(spec) == 1  # a free segment needs no new room
+    assert bool((_receive(kept, spec) == 2.0).all())
+
+
+@pytest.mark.timeout(30)
+def test_pools_off_means_one_off_files(monkeypatch):
+    monkeypatch.setenv("MESHPOOL_SHM_POOL", "0")
+    pool = SegmentPool("toff")
+    kept, spec = shm.pack_frames([memoryview(bytearray(MB))], shm.host_key(), pool=pool)
+    assert [row[3] for row in spec] == [0]
+    shm.unpack_frames(kept, spec)
+    assert _segments(pool) == []
+
+
+# --- receivers and senders that die -------------------------------------------------------------
+
+_RECEIVER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from meshpool.transport import shm
+    name, size, generation = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    view = shm.unpack_frames([], [(0, name, size, generation)])[0]
+    print(float(np.frombuffer(view).sum()), flush=True)
+    time.sleep(60)  # holding it, until killed
+    """
+)
+
+_SENDER = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from meshpool.transport import shm
+    from meshpool.transport.shmpool import SegmentPool
+    pool = SegmentPool("tdead")
+    kept, spec = shm.pack_frames([memoryview(np.full(2**20, 3.0)).cast("B")], shm.host_key(),
+                                 pool=pool)
+    print(repr(spec), flush=True)
+    time.sleep(60)  # until killed
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_receiver_does_not_leak_its_segment(pool):
+    kept, spec = _send(pool, np.full(MB, 1.0))
+    [(_, name, size, generation)] = spec
+    receiver = subprocess.Popen(
+        [sys.executable, "-c", _RECEIVER, name, str(size), str(generation)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert float(receiver.stdout.readline()) == float(MB)
+        assert _state(name) == shm.TAKEN
+        pool.tidy()
+        assert pool.statistics()["free_bytes"] == 0  # alive: still its
+    finally:
+        receiver.kill()
+        receiver.wait(timeout=10)
+        receiver.stdout.close()
+    pool.tidy()
+    assert _state(name) == shm.FREE
+    kept, spec = _send(pool, np.full(MB, 2.0))
+    assert spec[0][1] == name  # reused
+    assert bool((_receive(kept, spec) == 2.0).all())
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_sender_leaves_no_segment_and_our_view_stays_valid():
+    sender = subprocess.Popen([sys.executable, "-c", _SENDER], stdout=subprocess.PIPE, text=True)
+    try:
+        spec = eval(sender.stdout.readline())  # noqa: S307 - a repr of ints and a name we made
+        got = np.frombuffer(shm.unpack_frames([], spec)[0])
+    finally:
+        sender.kill()
+        sender.wait(timeout=10)
+        sender.stdout.close()
+    name = spec[0][1]
+    assert os.path.exists(os.path.join(shm.SHM_DIR, name))
+    shm.remove_orphans()  # what the local cluster and nannies run when a worker dies
+    assert not os.path.exists(os.path.join(shm.SHM_DIR, name))
+    assert bool((got == 3.0).all())  # the mapping outlives the file and its sender
+    del got
+    gc.collect()
+    shm._last_prune = 0.0
+    shm.prune_mappings()
+    assert name not in shm._mapped
+
+
+# --- on a cluster -------------------------------------------------------------------------------
+
+
+def array_sum(a):
+    return float(a.sum())
+
+
+def make_array(mb, value):
+    return np.full(int(mb * MB) // 8, value)
+
+
+@pytest.mark.timeout(120)
+def test_repeated_transfers_reuse_one_segment_each_way():
+    with meshpool.Executor(2) as ex:
+        ex.wait_for_workers(2, timeout=60)
+        workers = sorted(ex.workers(), key=lambda w: w["name"])
+        first, second = (w["name"] for w in workers)
+        for round_ in range(3):
+            value = float(round_ + 1)
+            assert ex.submit(array_sum, make_array(20, value)).result(timeout=60) == (
+                value * 20 * MB / 8
+            )
+            out = ex.submit(make_array, 20, value).result(timeout=60)
+            assert bool((out == value).all())
+            del out
+            produced = ex.options(workers=[first]).submit(make_array, 20, value)
+            total = ex.options(workers=[second]).submit(array_sum, produced).result(timeout=60)
+            assert total == value * 20 * MB / 8
+            del produced
+            gc.collect()
+            # the receivers have let go once their values are released
+            assert _wait_until(lambda: ex._core.shm_pool.statistics()["free_bytes"] > 0)
+        assert ex._core.shm_pool.statistics()["segments"] == 1
+        pids = [w["pid"] for w in workers]
+        files = [n for n in os.listdir(shm.SHM_DIR) if any(f"-{p}-" in n for p in pids)]
+        assert 1 <= len(files) <= 2  # one segment per worker that sent (results may go twice)
+    assert not [n for n in os.listdir(shm.SHM_DIR) if any(f"-{p}-" in n for p in pids)]
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_while_holding_a_callers_segment_frees_it():
+    with meshpool.Executor(1) as ex:
+        ex.wait_for_workers(1, timeout=60)
+        [worker] = ex.workers()
+        [data] = ex.scatter([make_array(10, 1.0)])  # held by the worker, in our segment
+        assert ex.submit(array_sum, data).result(timeout=60) == 10 * MB / 8
+        pool = ex._core.shm_pool
+        assert pool.statistics()["free_bytes"] == 0
+        os.kill(worker["pid"], signal.SIGKILL)
+        assert _wait_until(lambda: pool.statistics()["free_bytes"] > 0)
