@@ -120,6 +120,8 @@ class ClientCore(Fetching):
         self.directory: str | None = None
         self.server: Any = None
         self.cluster: Any = None
+        self._spawner: threading.Thread | None = None
+        self._spawn_error: Exception | None = None
         self.dealer: zmq.Socket | None = None
         self._last_from_scheduler = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="meshpool-io", daemon=True)
@@ -136,24 +138,43 @@ class ClientCore(Fetching):
         self, nworkers: int, threads_per_worker: int, memory_limit: int | None
     ) -> None:
         from ..cluster.local import LocalWorkers
-        from ..scheduler.server import SchedulerServer
 
         self.directory = private_directory()
-        self.server = SchedulerServer(
-            f"ipc://{self.directory}/scheduler",
-            local_client=self.client_id,
-            deliver_local=self._on_message,
-        )
-        self.server.on_worker_added = self._worker_registered
+        address = f"ipc://{self.directory}/scheduler"
         self.cluster = LocalWorkers(
             count=nworkers,
-            scheduler_address=self.server.address,
+            scheduler_address=address,
             directory=self.directory,
             prefix=self.prefix,
             nthreads=threads_per_worker,
             memory_limit=memory_limit,
             on_exit=self._worker_exited,
-        )  # started by the I/O thread: the constructor returns at once (async with, start-up)
+        )
+        # The workers start first, from a thread of their own: their interpreters start up while
+        # this one sets up the scheduler (they connect once it is bound), and the caller's
+        # thread spawns nothing (``async with Executor()`` keeps its event loop free).
+        self._spawner = threading.Thread(
+            target=self._spawn_workers, name="meshpool-spawn", daemon=True
+        )
+        self._spawner.start()
+        try:
+            from ..scheduler.server import SchedulerServer
+
+            self.server = SchedulerServer(
+                address, local_client=self.client_id, deliver_local=self._on_message
+            )
+        except BaseException:
+            self._spawner.join()
+            self.cluster.close()
+            remove_directory(self.directory)
+            raise
+        self.server.on_worker_added = self._worker_registered
+
+    def _spawn_workers(self) -> None:
+        try:
+            self.cluster.start()
+        except Exception as exc:
+            self._spawn_error = exc
 
     def _connect(self, address: str) -> None:
         """Connect to a remote scheduler and handshake within ``timeout`` seconds."""
@@ -266,11 +287,14 @@ class ClientCore(Fetching):
     # --- the I/O thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.cluster is not None:
-            try:
-                self.cluster.start()
-            except Exception as exc:
-                self._break(errors.WorkerStartError(f"could not start worker processes: {exc}"))
+        if self._spawner is not None:
+            self._spawner.join()
+            if self._spawn_error is not None:
+                self._break(
+                    errors.WorkerStartError(
+                        f"could not start worker processes: {self._spawn_error}"
+                    )
+                )
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         if self.server is not None:
