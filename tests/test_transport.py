@@ -123,18 +123,18 @@ def test_dumped_headers_hold_no_globals():
 
 def _example(cls: type):
     values = {}
-    for f in dataclasses.fields(cls):
-        if f.name == "frames":
-            values[f.name] = [b"payload-1", b"payload-2"]
+    for name in cls._fields:
+        if name == "frames":
+            values[name] = [b"payload-1", b"payload-2"]
         else:
-            values[f.name] = {
+            values[name] = {
                 "int": 7,
                 "str": "s",
                 "bool": True,
                 "list": [1, "a"],
                 "dict": {"a": 1},
                 "float": 0.5,
-            }.get(str(f.type), ("key", 1))
+            }.get(str(cls.__annotations__[name]), ("key", 1))
     return cls(**values)
 
 

@@ -15,7 +15,7 @@ A task's *spec* frames are ``[function, arguments pickle, *argument buffers]``.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .transport.header import MalformedMessage, dumps_header, loads_header
@@ -28,19 +28,55 @@ JOIN_BELOW = 64 * 1024  # a batch joins its payload frames smaller than this int
 
 
 def _register(cls: Any) -> Any:
-    # __eq__ and __repr__ are shared functions, not generated per class: generating them doubled
-    # the cost of making ~40 dataclasses, paid by every process at start-up
-    cls = dataclass(slots=True, eq=False, repr=False)(cls)
-    cls._fields = tuple(f.name for f in fields(cls))
-    cls.__eq__ = _eq
-    cls.__repr__ = _repr
-    cls.__hash__ = None  # as a dataclass with eq: mutable, unhashable
-    names = [name for name in cls._fields if name != "frames"]
-    cls._header_fields = tuple(names)
-    cls._getter = operator.attrgetter(*names) if names else None
-    cls._has_frames = "frames" in cls._fields
+    """``cls`` as the slotted class ``dataclass(slots=True)`` would make (its annotated fields in
+    order, defaults, ``field(default_factory=...)``), without the dataclass machinery: every
+    process makes ~45 message classes at start-up, and ``dataclass()`` cost 15-25 ms of it.
+    ``__eq__`` and ``__repr__`` are shared functions."""
+    annotations = cls.__dict__.get("__annotations__", {})
+    names = tuple(n for n, t in annotations.items() if not str(t).startswith("ClassVar"))
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in names}
+    namespace.pop("__dict__", None)
+    namespace.pop("__weakref__", None)
+    namespace.update(
+        __slots__=names,
+        __init__=_make_init(cls.__qualname__, names, cls.__dict__),
+        __eq__=_eq,
+        __repr__=_repr,
+        __hash__=None,  # as a dataclass with eq: mutable, unhashable
+        _fields=names,
+    )
+    cls = type(cls)(cls.__name__, cls.__bases__, namespace)
+    header_names = [name for name in names if name != "frames"]
+    cls._header_fields = tuple(header_names)
+    cls._getter = operator.attrgetter(*header_names) if header_names else None
+    cls._has_frames = "frames" in names
     _REGISTRY[cls.op] = cls
     return cls
+
+
+def _make_init(qualname: str, names: tuple, defaults: Any) -> Any:
+    """``__init__(self, <names>)`` storing each argument, defaults taken from ``defaults``."""
+    scope: dict[str, Any] = {"MISSING": MISSING}
+    params = []
+    body = []
+    for name in names:
+        default = defaults.get(name, MISSING)
+        value = name
+        if isinstance(default, Field):
+            if default.default_factory is not MISSING:
+                scope[f"{name}_factory"] = default.default_factory
+                value = f"{name}_factory() if {name} is MISSING else {name}"
+            default = default.default
+        if default is MISSING and value == name:
+            params.append(name)
+        else:
+            scope[f"{name}_default"] = default
+            params.append(f"{name}={name}_default")
+        body.append(f"    self.{name} = {value}")
+    exec(f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or "    pass"), scope)
+    init = scope["__init__"]
+    init.__qualname__ = f"{qualname}.__init__"
+    return init
 
 
 def _eq(self: Any, other: Any) -> Any:
