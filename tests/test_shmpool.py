@@ -249,6 +249,40 @@ def test_a_killed_receiver_does_not_leak_its_segment(pool):
     assert bool((_receive(kept, spec) == 2.0).all())
 
 
+_FORKING_RECEIVER = textwrap.dedent(
+    """
+    import os, sys
+    from meshpool.transport import shm
+    name, size, generation = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    view = shm.unpack_frames([], [(0, name, size, generation)])[0]
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)
+        print(int(open(shm.SHM_DIR + "/" + name, "rb").read(9)[8]), flush=True)
+        sys.stdin.readline()  # held until the test has looked
+    # the child ends normally: interpreter shutdown runs the finalizers of its copies of views
+    """
+)
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_exiting_does_not_free_its_parents_segment(pool):
+    kept, spec = _send(pool, np.full(MB, 1.0))
+    [(_, name, size, generation)] = spec
+    receiver = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_RECEIVER, name, str(size), str(generation)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert int(receiver.stdout.readline()) == shm.TAKEN  # after the child exited
+        assert _state(name) == shm.TAKEN
+    finally:
+        receiver.communicate("\n", timeout=20)
+    assert _state(name) == shm.FREE  # the parent's own exit lets it go
+
+
 @pytest.mark.timeout(60)
 def test_a_killed_sender_leaves_no_segment_and_our_view_stays_valid():
     sender = subprocess.Popen([sys.executable, "-c", _SENDER], stdout=subprocess.PIPE, text=True)

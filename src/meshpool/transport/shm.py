@@ -234,7 +234,7 @@ def attach_segment(name: str, size: int, generation: int) -> memoryview:
         mapping[_STATE] = TAKEN  # finds the pid that took it)
         region = entry.region_type.from_buffer(mapping, HEADER)
         entry.live += 1
-    weakref.finalize(region, _release, entry, generation)
+    weakref.finalize(region, _release, entry, generation, os.getpid())
     _count("received", size)
     return memoryview(region).cast("B")[:size]
 
@@ -256,8 +256,11 @@ def _map_segment(name: str) -> _Mapped:
     return entry
 
 
-def _release(entry: _Mapped, generation: int) -> None:
-    """The last view of a transfer is gone: its sender may reuse the segment."""
+def _release(entry: _Mapped, generation: int, pid: int) -> None:
+    """The last view of a transfer is gone: its sender may reuse the segment. (Not in a forked
+    child: its exit runs finalizers for views its parent still uses.)"""
+    if os.getpid() != pid:
+        return
     with _mapped_lock:
         entry.live -= 1
         mapping = entry.mapping
