@@ -45,6 +45,10 @@ def shm_received():
     return shm.statistics()["received"]
 
 
+def shm_sent():
+    return shm.statistics()["sent"]
+
+
 def _files_of(pids) -> list[str]:
     prefixes = tuple(f"meshpool-{os.getuid()}-{pid}-" for pid in pids)
     return [n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefixes)]
@@ -102,6 +106,19 @@ def test_200_mb_worker_to_worker_goes_through_shared_memory():
         assert after.client_bytes_received - before.client_bytes_received < MB
         del produced
     assert _files_of(pids) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_pinned_tasks_big_arguments_go_straight_to_its_worker():
+    with meshpool.Executor(2) as ex:
+        ex.wait_for_workers(2, timeout=60)
+        names = sorted(w["name"] for w in ex.workers())
+        for name in [names[0]] * 3 + [names[1]] * 3:  # (round robin: some on the other one)
+            on = ex.options(workers=[name])
+            assert on.submit(array_sum, make_array(4, 1.0)).result(timeout=60) == 4 * MB / 8
+        sent = [ex.options(workers=[n]).submit(shm_sent).result(timeout=30) for n in names]
+        assert sent == [0, 0]  # no worker passed them on to the other
+        assert ex.statistics().shm_bytes_sent >= 6 * 4 * MB
 
 
 @pytest.mark.timeout(120)

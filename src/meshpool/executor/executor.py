@@ -331,7 +331,7 @@ class Executor(cf.Executor):
             args_key = ("args", key)
             if keep:
                 self._core.kept[args_key] = frames
-            self._store([args_key], [frames], None, kept=keep)
+            self._store([args_key], [frames], self._args_workers(task_options), kept=keep)
             dep_keys.append(args_key)
             task_options = dict(task_options or {}, args_key=args_key)
             frames = []
@@ -532,6 +532,14 @@ class Executor(cf.Executor):
             # caller's thread (the I/O thread only sends their names)
             out, spec = shm.pack_frames(out, hosts[address], self._core.prefix, self._core.shm_pool)
             self._core.command("store", address, items, out, spec, rows, kept)
+
+    def _args_workers(self, task_options: dict | None) -> list[str] | None:
+        """Where a task's large arguments go: to a worker it may run on (sent to another, they
+        would cross to that one again), or to any if none of those is up."""
+        names = task_options.get("workers") if task_options else None
+        if names and any(w["name"] in names or w["id"] in names for w in self._live_workers(None)):
+            return list(names)
+        return None
 
     def _live_workers(self, names: list[str] | None) -> list[dict]:
         """Workers to send data to; the list is reused for a second (a round trip saved per
