@@ -106,18 +106,24 @@ def test_a_held_view_keeps_its_data_while_later_transfers_use_other_segments(poo
 
 
 @pytest.mark.timeout(30)
-def test_a_smaller_frame_reuses_a_bigger_segment_and_a_bigger_one_gets_its_own(pool):
+def test_segments_are_reused_for_smaller_frames_but_not_much_smaller_ones(pool):
     got = _receive(*_send(pool, np.full(2 * MB, 1.0)))
     del got
     gc.collect()
-    kept, spec = _send(pool, np.full(MB // 2, 3.0))  # fits in the free segment
+    kept, spec = _send(pool, np.full(3 * MB // 2, 3.0))  # fits in the free 16 MiB segment
     got = _receive(kept, spec)
-    assert got.size == MB // 2 and bool((got == 3.0).all())
+    assert got.size == 3 * MB // 2 and bool((got == 3.0).all())
+    assert len(_segments(pool)) == 1
     del got
     gc.collect()
-    got = _receive(*_send(pool, np.full(4 * MB, 4.0)))
-    assert got.size == 4 * MB and bool((got == 4.0).all())
+    got = _receive(*_send(pool, np.full(MB // 4, 4.0)))  # 2 MiB: a segment of its own
+    assert got.size == MB // 4 and bool((got == 4.0).all())
     assert len(_segments(pool)) == 2
+    del got
+    gc.collect()
+    got = _receive(*_send(pool, np.full(4 * MB, 5.0)))  # bigger than both
+    assert got.size == 4 * MB and bool((got == 5.0).all())
+    assert len(_segments(pool)) == 3
 
 
 @pytest.mark.timeout(30)

@@ -264,8 +264,6 @@ def _release(entry: _Mapped, generation: int, pid: int) -> None:
     with _mapped_lock:
         entry.live -= 1
         mapping = entry.mapping
-        if mapping.closed:
-            return
         if mapping[_STATE] == TAKEN and _SENT.unpack_from(mapping, 16)[0] == generation:
             mapping[_STATE] = FREE
 
@@ -296,11 +294,6 @@ def prune_mappings(force: bool = False) -> None:
         for name, entry in list(_mapped.items()):
             if entry.live == 0 and (force or not _same_file(name, entry.inode)):
                 del _mapped[name]  # (closed when the finalizers holding it are gone too)
-
-
-def mapped_segments() -> int:
-    """How many pool segments of other processes this process keeps mapped."""
-    return len(_mapped)
 
 
 def _same_file(name: str, inode: int) -> bool:

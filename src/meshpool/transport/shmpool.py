@@ -125,12 +125,14 @@ class SegmentPool:
 
     def _take_free(self, size: int) -> _Segment | None:
         """The smallest free segment that fits, marked sent (under the lock: a trim must not
-        take it for free while it is being filled)."""
+        take it for free while it is being filled). Not one over twice the size this transfer
+        would get: a small value held for long would tie up a big segment."""
         best = None
+        most = 2 * capacity_for(size)
         for segment in self._segments.values():
             if segment.busy and segment.mapping[shm._STATE] == shm.FREE:
                 self._now_free(segment)
-            fits = not segment.busy and segment.capacity >= size
+            fits = not segment.busy and size <= segment.capacity <= most
             if fits and (best is None or segment.capacity < best.capacity):
                 best = segment
         if best is not None:
