@@ -34,17 +34,23 @@ from typing import Any
 from . import shm
 
 POOL_IDLE = 60.0  # seconds a free segment is kept for reuse
-POOL_BYTES = 1 << 30  # free segments kept at most (MESHPOOL_SHM_POOL), per pool
+POOL_BYTES = 1 << 30  # free segments kept at most, per pool (or an eighth of /dev/shm if less)
 TRIM_INTERVAL = 1.0  # seconds between trims on the owner's tick
 MADV_POPULATE_READ = 22  # Linux 5.14+ (the mmap module names it from Python 3.13 only)
 
 
 def pool_bytes() -> int:
-    """``MESHPOOL_SHM_POOL``: bytes of free segments a pool keeps; 0 turns pools off."""
+    """``MESHPOOL_SHM_POOL``: bytes of free segments a pool keeps; 0 turns pools off. By default
+    :data:`POOL_BYTES`, or an eighth of ``/dev/shm`` if that is less (every worker has a pool)."""
     try:
-        return int(os.environ.get("MESHPOOL_SHM_POOL", POOL_BYTES))
-    except ValueError:
-        return POOL_BYTES
+        return int(os.environ["MESHPOOL_SHM_POOL"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        stats = os.statvfs(shm.SHM_DIR)
+    except OSError:
+        return 0
+    return min(POOL_BYTES, stats.f_blocks * stats.f_frsize // 8)
 
 
 def capacity_for(size: int) -> int:
