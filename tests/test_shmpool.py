@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 
@@ -124,6 +125,40 @@ def test_segments_are_reused_for_smaller_frames_but_not_much_smaller_ones(pool):
     got = _receive(*_send(pool, np.full(4 * MB, 5.0)))  # bigger than both
     assert got.size == 4 * MB and bool((got == 5.0).all())
     assert len(_segments(pool)) == 3
+
+
+@pytest.mark.timeout(60)
+def test_threads_sending_and_holding_at_random_never_see_each_others_data(pool):
+    """Four threads send through one pool and keep some of what they receive for a while: every
+    view must keep its own bytes until it is dropped (a segment reused too early would not)."""
+    errors: list[str] = []
+
+    def run(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        held: list[tuple[np.ndarray, float]] = []
+        for i in range(40):
+            value = float(seed * 1000 + i)
+            size = int(rng.integers(MB // 8, MB // 2))  # 1-4 MiB of float64
+            got = _receive(*_send(pool, np.full(size, value)))
+            held.append((got, value))
+            if rng.random() < 0.7:  # drop one at random, keep the rest a while longer
+                held.pop(int(rng.integers(len(held))))
+            for array, expected in held:
+                if not (array == expected).all():
+                    errors.append(f"thread {seed}: a held view changed (expected {expected})")
+                    return
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    gc.collect()
+    stats = pool.statistics()
+    assert stats["segments"] < 4 * 40  # reused, not one per transfer
+    pool.tidy()
+    assert pool.statistics()["free_bytes"] == stats["bytes"]  # all handed back
 
 
 @pytest.mark.timeout(30)
