@@ -173,6 +173,20 @@ def test_an_answer_for_an_old_generation_is_lost_not_wrong(pool):
 
 
 @pytest.mark.timeout(30)
+def test_a_segment_whose_file_was_removed_under_the_pool_is_not_sent_again(pool):
+    got = _receive(*_send(pool, np.full(MB, 1.0)))
+    [name] = _segments(pool)
+    del got
+    gc.collect()
+    os.unlink(os.path.join(shm.SHM_DIR, name))  # someone cleaned /dev/shm
+    shm.prune_mappings(force=True)  # (and this receiver has no mapping of it left)
+    kept, spec = _send(pool, np.full(MB, 2.0))
+    assert spec[0][1] != name
+    assert bool((_receive(kept, spec) == 2.0).all())
+    assert pool.statistics()["segments"] == 1
+
+
+@pytest.mark.timeout(30)
 def test_a_segment_nobody_took_expires_and_is_never_reused(pool, monkeypatch):
     kept, spec = _send(pool, np.full(MB, 1.0))
     monkeypatch.setattr(shm, "EXPIRY", 0.0)

@@ -71,10 +71,14 @@ class _Segment:
         "idle_since",
         "written",
         "populated",
+        "inode",
     )
 
-    def __init__(self, name: str, capacity: int, mapping: mmap.mmap, written: int) -> None:
+    def __init__(
+        self, name: str, capacity: int, mapping: mmap.mmap, written: int, inode: int
+    ) -> None:
         self.name = name
+        self.inode = inode
         self.capacity = capacity
         self.mapping = mapping
         self.written = written  # data bytes whose pages exist (pwrite made them)
@@ -83,6 +87,13 @@ class _Segment:
         self.busy = True  # handed out; free again when its receiver says so
         self.sent_at = time.time()
         self.idle_since = 0.0
+
+
+def _same_file(segment: _Segment) -> bool:
+    try:
+        return os.stat(os.path.join(shm.SHM_DIR, segment.name)).st_ino == segment.inode
+    except OSError:
+        return False
 
 
 def _populate(segment: _Segment) -> None:
@@ -131,8 +142,21 @@ class SegmentPool:
 
     def _take_free(self, size: int) -> _Segment | None:
         """The smallest free segment that fits, marked sent (under the lock: a trim must not
-        take it for free while it is being filled). Not one over twice the size this transfer
-        would get: a small value held for long would tie up a big segment."""
+        take it for free while it is being filled)."""
+        while True:
+            best = self._smallest_free(size)
+            if best is None or _same_file(best):
+                break
+            self._drop(best)  # its file was removed under us: receivers could not open it
+        if best is not None:
+            best.busy = True
+            best.generation += 1
+            self._mark_sent(best, size)
+        return best
+
+    def _smallest_free(self, size: int) -> _Segment | None:
+        """Not one over twice the size this transfer would get: a small value held for long
+        would tie up a big segment."""
         best = None
         most = 2 * capacity_for(size)
         for segment in self._segments.values():
@@ -141,10 +165,6 @@ class SegmentPool:
             fits = not segment.busy and size <= segment.capacity <= most
             if fits and (best is None or segment.capacity < best.capacity):
                 best = segment
-        if best is not None:
-            best.busy = True
-            best.generation += 1
-            self._mark_sent(best, size)
         return best
 
     def _now_free(self, segment: _Segment) -> None:
@@ -178,12 +198,13 @@ class SegmentPool:
             os.pwrite(fd, header, 0)
             shm.write_all(fd, view, shm.HEADER)
             mapping = mmap.mmap(fd, shm.HEADER + capacity, flags=mmap.MAP_SHARED)
+            inode = os.fstat(fd).st_ino
         except OSError:  # full after all (a race with another writer)
             shm._unlink(path)
             return None
         finally:
             os.close(fd)
-        segment = _Segment(name, capacity, mapping, size)
+        segment = _Segment(name, capacity, mapping, size, inode)
         with self._lock:
             if self.closed:  # closed meanwhile: this one goes too
                 self._remove(segment)
