@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -356,7 +357,9 @@ class ClientCore(Fetching):
                 break
         for item in _merge_runs(items):
             try:
-                getattr(self, "_cmd_" + item[0].replace("-", "_"))(*item[1:])
+                # interned: the type's method cache keeps a reference to every distinct name
+                # string looked up, so a fresh string per command pinned a pymalloc arena each
+                getattr(self, sys.intern("_cmd_" + item[0].replace("-", "_")))(*item[1:])
             except Exception:
                 logger.exception("error handling command %s", item[0])
 
