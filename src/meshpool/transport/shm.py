@@ -1,11 +1,12 @@
 """Large buffers between peers on one host: private files in ``/dev/shm`` instead of sockets.
 
 A socket copies every byte through the kernel twice, in small chunks; between two processes that
-share a host (and a network namespace, so a test's "hosts" stay apart, and a user) a big frame
-goes like this instead::
+share a host (and network and pid namespaces, so a test's "hosts" stay apart, and a user) a big
+frame goes like this instead, as a one-off file (what workers and clients send through reused
+segments is below)::
 
     sender:   os.write(buffer) into a new 0600 file /dev/shm/meshpool-<uid>-<pid>-<tag>-<random>
-    message:  carries (frame index, name, size) in place of the frame (the ``shm`` field)
+    message:  carries (frame index, name, size, 0) in place of the frame (the ``shm`` field)
     receiver: mmap(MAP_SHARED) the file, unlink it, unpickle over the mapping
 
 One copy in all (into tmpfs); the receiver's mapping is the data. Once unlinked, the file is the
