@@ -400,6 +400,32 @@ def test_repeated_transfers_reuse_one_segment_each_way():
 
 
 @pytest.mark.timeout(120)
+def test_the_callers_mappings_of_worker_segments_go_with_the_executor_or_its_last_view():
+    """Mapped segments would keep the memory of files their workers removed: the caller forgets
+    idle ones at shutdown, and one still viewed when its last view goes."""
+    with meshpool.Executor(2) as ex:
+        ex.wait_for_workers(2, timeout=60)
+        pids = [w["pid"] for w in ex.workers()]
+        dropped = ex.submit(make_array, 10, 1.0).result(timeout=60)
+        kept = ex.submit(make_array, 12, 2.0).result(timeout=60)
+        del dropped
+        gc.collect()
+
+        def theirs() -> list[str]:
+            return [n for n in shm._mapped if any(f"-{pid}-" in n for pid in pids)]
+
+        assert len(theirs()) >= 1
+    assert _wait_until(
+        lambda: not any(f"-{p}-" in n for n in os.listdir(shm.SHM_DIR) for p in pids)
+    )
+    assert len(theirs()) == 1  # only the one a view still holds
+    assert bool((kept == 2.0).all())  # valid after its worker and file are gone
+    del kept
+    gc.collect()
+    assert theirs() == []
+
+
+@pytest.mark.timeout(120)
 def test_a_worker_killed_while_holding_a_callers_segment_frees_it():
     with meshpool.Executor(1) as ex:
         ex.wait_for_workers(1, timeout=60)

@@ -681,6 +681,7 @@ class ClientCore(Fetching):
             self.server.close()
         self.shm_pool.close()
         shm.remove_own(self.prefix)  # data sent to workers that never took it in
+        shm.prune_mappings(force=True)  # workers' segments mapped here: no tick will prune them
         if self.directory is not None:
             remove_directory(self.directory)
         self._fds_closed = True

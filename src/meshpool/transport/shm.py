@@ -198,9 +198,10 @@ class _Mapped:
     """A segment this process mapped: kept for the next transfer through it (its page tables
     stay filled), dropped once it holds no live view and its file is gone."""
 
-    __slots__ = ("mapping", "inode", "live", "region_type")
+    __slots__ = ("name", "mapping", "inode", "live", "region_type")
 
-    def __init__(self, mapping: mmap.mmap, inode: int) -> None:
+    def __init__(self, name: str, mapping: mmap.mmap, inode: int) -> None:
+        self.name = name
         self.mapping = mapping
         self.inode = inode
         self.live = 0  # views handed out and not yet released
@@ -253,13 +254,15 @@ def _map_segment(name: str) -> _Mapped:
         mapping = mmap.mmap(fd, stat.st_size, flags=mmap.MAP_SHARED)
     finally:
         os.close(fd)
-    entry = _mapped[name] = _Mapped(mapping, stat.st_ino)
+    entry = _mapped[name] = _Mapped(name, mapping, stat.st_ino)
     return entry
 
 
 def _release(entry: _Mapped, generation: int, pid: int) -> None:
     """The last view of a transfer is gone: its sender may reuse the segment. (Not in a forked
-    child: its exit runs finalizers for views its parent still uses.)"""
+    child: its exit runs finalizers for views its parent still uses.) A segment whose sender
+    removed it meanwhile is forgotten at once: no tick may come to prune it (views outlive
+    their executor)."""
     if os.getpid() != pid:
         return
     with _mapped_lock:
@@ -267,6 +270,9 @@ def _release(entry: _Mapped, generation: int, pid: int) -> None:
         mapping = entry.mapping
         if mapping[_STATE] == TAKEN and _SENT.unpack_from(mapping, 16)[0] == generation:
             mapping[_STATE] = FREE
+        gone = entry.live == 0 and not _same_file(entry.name, entry.inode)
+        if gone and _mapped.get(entry.name) is entry:
+            del _mapped[entry.name]
 
 
 def decline_segment(name: str, generation: int) -> None:
