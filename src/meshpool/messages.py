@@ -471,6 +471,7 @@ class RegisterWorker:
     versions: dict
     pid: int
     host: str = ""  # shared-memory host key (transport/shm.py): "" for none
+    marker: str = ""  # run marker file (transport/runmarker.py): "" for none
 
 
 @_message

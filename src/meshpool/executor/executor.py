@@ -58,6 +58,8 @@ class ExecutorStatistics:
     #: of the client's bytes, those that went as shared-memory files (workers on this host)
     shm_bytes_sent: int = 0
     shm_bytes_received: int = 0
+    #: messages the scheduler received (workers report tiny tasks several to a message)
+    scheduler_messages_received: int = 0
 
 
 class Executor(cf.Executor):
@@ -230,6 +232,7 @@ class Executor(cf.Executor):
             scheduler_bytes_received=info["bytes_received"],
             shm_bytes_sent=stats["shm_bytes_sent"],
             shm_bytes_received=stats["shm_bytes_received"],
+            scheduler_messages_received=info.get("messages_received", 0),
         )
 
     def __enter__(self) -> Executor:

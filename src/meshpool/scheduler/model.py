@@ -43,12 +43,32 @@ def _with(items: AbstractSet[_T], item: _T) -> set[_T]:
 _C = TypeVar("_C", dict, set)
 
 
-def shrunk(container: _C) -> _C:
-    """``container``, or a right-sized copy of it when its table is big and mostly empty."""
+def _oversized(container: dict | set) -> bool:
     allocated = sys.getsizeof(container)
-    if allocated > SHRINK_ABOVE and len(container) * 64 < allocated:
-        return type(container)(container)
-    return container
+    return allocated > SHRINK_ABOVE and len(container) * 64 < allocated
+
+
+def shrink(container: dict | set) -> None:
+    """Right-size the table of ``container`` when it is big and mostly empty, in place.
+
+    In place, because a container is mostly compacted while a burst of tasks is released: a
+    new dict or set object made then lands in one of the burst's pymalloc arenas and, living
+    on, keeps that whole arena (1 MiB) from ever going back to the system."""
+    if _oversized(container):
+        kept = container.copy()  # right-sized, and update() from it sizes the table once
+        container.clear()
+        container.update(kept)  # type: ignore[arg-type]
+
+
+def shrunk(container: _C) -> _C:
+    """As :func:`shrink` for a container other threads read: emptied in place when nothing
+    is left, else replaced by a right-sized copy (a reader never sees it half rebuilt)."""
+    if not _oversized(container):
+        return container
+    if not container:
+        container.clear()
+        return container
+    return type(container)(container)
 
 
 def _without(items: AbstractSet[_T], item: _T) -> AbstractSet[_T]:
@@ -83,6 +103,7 @@ class TaskState:
         "retries_left",
         "suspicious",
         "slot",
+        "seq",
         "restrictions",
         "recall",
     )
@@ -107,6 +128,7 @@ class TaskState:
         self.retries_left = (options or {}).get("retries", 0) or 0
         self.suspicious = 0
         self.slot = -1
+        self.seq = 0  # its number among the Computes sent to its slot (see worker/reporting.py)
         self.restrictions = _restrictions(options)
         self.recall: _Recall | None = None  # asked the worker to take it back; no answer yet
 
@@ -168,6 +190,7 @@ class WorkerState:
         "blocked",
         "blocked_count",
         "ready_slots",
+        "sent",
         "has_what",
         "nbytes",
         "waiting_nbytes",
@@ -191,6 +214,7 @@ class WorkerState:
         self.blocked: set[TaskState] = set()  # executing, but waiting on other tasks (no room)
         self.blocked_count = [0] * self.nthreads  # of those, per slot
         self.ready_slots: list[int] = []
+        self.sent = [0] * self.nthreads  # Computes sent to each slot so far
         self.has_what: set[TaskState] = set()
         self.nbytes = 0
         self.waiting_nbytes = 0  # of ``nbytes``, results some pending task still needs

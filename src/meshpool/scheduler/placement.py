@@ -199,6 +199,8 @@ class Placement(Transitions):
         ts.state = PROCESSING
         ts.processing_on = ws
         ts.slot = slot
+        ws.sent[slot] += 1
+        ts.seq = ws.sent[slot]
         ws.slots[slot].append(ts)
         ws.processing.add(ts)
         resources = ts.restrictions[1] if ts.restrictions else None

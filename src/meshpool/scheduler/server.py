@@ -36,6 +36,7 @@ from typing import Any
 import zmq
 
 from .. import messages as m
+from ..transport import runmarker, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
@@ -77,14 +78,19 @@ class SchedulerServer:
         self._holding = 0  # > 0 inside hold()/release(): messages to peers wait in _held
         self._held: dict[str, list] = {}
         self._hosts: dict[str, str] = {}  # worker id -> shared-memory host key (transport/shm.py)
+        self._markers: dict[str, runmarker.MarkerReader] = {}  # worker id -> its run marker
         self._removed: dict[str, None] = {}  # the latest removed worker ids, oldest first
         self.bytes_received = 0
+        self.messages_received = 0
         self.bytes_sent = 0
         self.on_worker_removed: Callable[[str, str], None] | None = None
         self.on_worker_added: Callable[[str], None] | None = None
 
     def close(self) -> None:
         self.router.close(linger=0)
+        for marker in self._markers.values():
+            marker.close()
+        self._markers.clear()
 
     def info(self) -> dict:
         return {
@@ -92,6 +98,7 @@ class SchedulerServer:
             "address": self.address,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "messages_received": self.messages_received,
             "tasks": len(self.state.tasks),
             "workers": len(self.state.workers),
         }
@@ -111,7 +118,12 @@ class SchedulerServer:
             self._last_seen.pop(peer, None)
         self._early_slots.pop(worker_id, None)
         self._hosts.pop(worker_id, None)
-        self._send_all(self.state.remove_worker(worker_id, reason, blame=blame))
+        marker = self._markers.pop(worker_id, None)
+        running = None
+        if marker is not None:
+            running = marker.running()
+            marker.close()
+        self._send_all(self.state.remove_worker(worker_id, reason, blame=blame, running=running))
         if self.on_worker_removed is not None:
             self.on_worker_removed(worker_id, reason)
 
@@ -145,6 +157,7 @@ class SchedulerServer:
             if len(frames) < 2:
                 continue
             self.bytes_received += sum(len(f) for f in frames)
+            self.messages_received += 1
             identity = frames[0]
             try:
                 peer = identity.decode()
@@ -257,9 +270,17 @@ class SchedulerServer:
         self._kind[peer] = "worker"
         self._worker_peers[peer] = {peer}
         self._hosts[peer] = msg.host if isinstance(msg.host, str) else ""
+        marker = None
+        if self._hosts[peer] and self._hosts[peer] == shm.host_key():
+            marker = runmarker.open_marker(str(msg.marker or ""), int(msg.nthreads))
+        stale = self._markers.pop(peer, None)  # (a worker registering again)
+        if stale is not None:
+            stale.close()
+        if marker is not None:
+            self._markers[peer] = marker
         # at once, not at the next ping: the worker tells its nanny that this start worked
         # before a task we are about to send it can take it over its memory limit
-        self._send(peer, m.Reply(-1, "registered"))
+        self._send(peer, m.Reply(-1, runmarker.MAPPED if marker is not None else "registered"))
         self._send_all(self.state.handle_worker(peer, msg))
         if self.on_worker_added is not None:
             self.on_worker_added(peer)

@@ -79,7 +79,7 @@ from .model import (
     _Recall,
     _with,
     _without,
-    shrunk,
+    shrink,
 )
 from .placement import (
     BANDWIDTH,
@@ -202,12 +202,19 @@ class SchedulerState(Retirement):
         return self._flush()
 
     def remove_worker(
-        self, worker_id: str, reason: str = "connection lost", blame: bool = True
+        self,
+        worker_id: str,
+        reason: str = "connection lost",
+        blame: bool = True,
+        running: list[int] | None = None,
     ) -> Outgoing:
         """Forget a worker and reschedule its tasks.
 
         ``blame=False`` (a host that vanished: heartbeat timeout) does not count
         its executing tasks towards KilledWorker: silence is not the task's fault.
+        ``running``: what each slot's run marker said (the ``seq`` of the task it was running,
+        0 for none; ``worker/reporting.py``). Without it, a slot's oldest unreported task is
+        taken for the one it was running.
         """
         ws = self.workers.pop(worker_id, None)
         if ws is None:
@@ -228,7 +235,7 @@ class SchedulerState(Retirement):
         for ts in arriving.values():  # sent here by a client, never reported: lost on the way
             if self.tasks.get(ts.key) is ts and ts.state == WAITING:
                 self._scattered_lost(ts, ws, blame)
-        executing = {q[0] for q in ws.slots if q} | ws.blocked
+        executing = _executing(ws, running)
         executing.update(t for t in ws.processing if t.recall is not None and t.recall.started)
         recalled: list[tuple[TaskState, _Recall]] = []
         for ts in sorted(ws.processing, key=lambda t: t.priority):
@@ -558,10 +565,10 @@ class SchedulerState(Retirement):
     def compact(self) -> None:
         """Give back the tables of big containers that have emptied out (a dict or set keeps
         its size after deletions: 100,000 tasks released left ~8 MB of empty tables)."""
-        self.tasks = shrunk(self.tasks)
+        shrink(self.tasks)
         for ws in self.workers.values():
-            ws.has_what = shrunk(ws.has_what)
-            ws.processing = shrunk(ws.processing)
+            shrink(ws.has_what)
+            shrink(ws.processing)
 
     def validate_state(self) -> None:
         """Check every invariant; tests call this after each step (never the hot path)."""
@@ -597,3 +604,17 @@ class SchedulerState(Retirement):
                 assert ts.key == key and ts.spec is None and ts.state != MEMORY, (ts, ws)
         for key, (ts, _) in self._homeless.items():
             assert ts.key == key and ts.spec is None, ts
+
+
+def _executing(ws: WorkerState, running: list[int] | None) -> set[TaskState]:
+    """The tasks a removed worker was running: blocked ones, and each slot's current task."""
+    if running is None or len(running) != len(ws.slots):
+        current = {q[0] for q in ws.slots if q}
+    else:
+        current = {
+            ts
+            for q, seq in zip(ws.slots, running, strict=True)
+            for ts in q
+            if seq and ts.seq == seq
+        }
+    return current | ws.blocked

@@ -60,7 +60,11 @@ class Transitions:
         raise NotImplementedError
 
     def remove_worker(
-        self, worker_id: str, reason: str = "connection lost", blame: bool = True
+        self,
+        worker_id: str,
+        reason: str = "connection lost",
+        blame: bool = True,
+        running: list[int] | None = None,
     ) -> Outgoing:
         raise NotImplementedError
 

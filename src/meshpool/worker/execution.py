@@ -7,9 +7,10 @@ Theory of operation::
 
 Each execution thread is a *slot*: the scheduler sends a slot its tasks directly, and the slot
 runs them strictly in arrival order and answers on the same socket. A task therefore costs the
-worker one thread wake-up, and the scheduler knows which task a slot is executing: the oldest one
-it sent there that has not finished. So a worker's death is blamed only on tasks that were
-executing (KilledWorker).
+worker one thread wake-up, and the scheduler knows which task a slot is executing: the one its
+run marker names (``worker/reporting.py``; without a marker, the oldest one it sent there that
+has not finished). So a worker's death is blamed only on tasks that were executing
+(KilledWorker).
 
 That knowledge lags, though: when a slot finishes one task it starts the next at once, while its
 ComputeDone is still on the way. So taking back a queued task (a client's cancel, or an idle
@@ -52,6 +53,7 @@ waiting at once stays near its depth times the thread count.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -70,8 +72,10 @@ from .. import messages as m
 from ..transport import serialize, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import MalformedMessage
+from ..transport.runmarker import RunMarker
 from ..transport.security import Security
 from ..transport.sockets import connect_to_data, control_socket
+from .reporting import ResultHold
 from .store import DataStore
 
 logger = logging.getLogger("meshpool.worker")
@@ -368,8 +372,12 @@ class Slot:
         security: Security | None,
         recalls: Recalls | None = None,
         replacements: Replacements | None = None,
+        marker: RunMarker | None = None,
     ) -> None:
         self.recalls = recalls if recalls is not None else Recalls()
+        self.marker = marker
+        self.hold = ResultHold()  # finished tasks' reports held back (worker/reporting.py)
+        self._popped = 0  # Computes taken off the queue: the number of the one starting
         self.replacements = replacements if replacements is not None else Replacements()
         self.index = index
         self.worker_id = worker_id
@@ -446,6 +454,9 @@ class Slot:
 
     def _close(self) -> None:
         # (the wake pipe stays open: a late done-callback must never write to a reused fd)
+        if self.hold.held:
+            with contextlib.suppress(zmq.ZMQError):
+                self._send()
         for sock in [self.sock, *self._peers.values()]:
             sock.close(linger=0)
         self._spares.close()
@@ -457,30 +468,55 @@ class Slot:
         self._drain()
         if self.queue:
             self._run_task(self.queue.popleft())
+        if not self.queue and self.hold.held:  # (the next task was taken back, say)
+            self._send()
 
     def _run_task(self, compute: m.Compute) -> None:
+        self._popped += 1
+        seq = self._popped
         if not self.recalls.start(compute.key, self.index):
             return  # taken back by the scheduler before it started
         outer = getattr(_local, "task", None)
         _local.task = _Running(compute.key, compute.priority, outer)
         self.current = compute.key
+        marker = self.marker
+        previous = 0
+        if marker is not None:
+            previous = marker.get(self.index)
+            marker.set(self.index, seq)
         try:
-            frames = self.execute(compute)
+            start = time.perf_counter()
+            report = self.execute(compute)
+            self.hold.note_duration(time.perf_counter() - start)
             if self._owned():
-                self._send_frames(frames)
+                self._report(compute, report)
+                # (only once reported: a slot that dies sending it blames this task, as before;
+                # and not by a thread that gave the slot away: the marker is the owner's now)
+                if marker is not None:
+                    marker.set(self.index, previous)
             else:  # it gave the slot away while waiting; the owner's socket is not ours
-                self._spares.send(frames)
+                self._spares.send(m.encode(report))
         finally:
             _local.task = outer
             if self._owned():
                 self.current = outer.key if outer is not None else None
             self.recalls.finish(compute.key, self.index)
 
-    def _send(self, msg: Any) -> None:
-        send_frames(self.sock, m.encode(msg))
+    def _report(self, compute: m.Compute, report: Any) -> None:
+        """Send a task's report, or hold a ComputeDone while the next tiny task runs."""
+        if not self.queue:
+            self._drain()
+        at_most_once = bool(compute.options and compute.options.get("at_most_once"))
+        done = type(report) is m.ComputeDone
+        if not (done and self.hold.keep(report, bool(self.queue), at_most_once)):
+            self._send(report)
 
-    def _send_frames(self, frames: list) -> None:
-        send_frames(self.sock, frames)
+    def _send(self, msg: Any = None) -> None:
+        """Send ``msg`` (None: nothing new) after what the slot holds, in one message."""
+        if self.hold.held:
+            send_frames(self.sock, m.encode_many(self.hold.take(msg)))
+        elif msg is not None:
+            send_frames(self.sock, m.encode(msg))
 
     def _drain(self) -> None:
         """Read everything waiting: queue computes, run initializers."""
@@ -596,26 +632,26 @@ class Slot:
 
     # --- running a task ----------------------------------------------------------------------
 
-    def execute(self, compute: m.Compute) -> list:
-        """Run one task; return the encoded ComputeDone / ComputeErred / MissingData."""
+    def execute(self, compute: m.Compute) -> Any:
+        """Run one task; return its ComputeDone / ComputeErred / MissingData."""
         missing = self._fetch_missing(compute)
         if missing is not None:
-            return m.encode(m.MissingData(compute.key, missing[0], missing[1]))
+            return m.MissingData(compute.key, missing[0], missing[1])
         start = time.perf_counter()
         fn = None
         try:
             fn, args, kwargs = self._unpack(compute)
             value = fn(*args, **kwargs)
         except BaseException as exc:  # SystemExit and friends fail this task only
-            return m.encode(m.ComputeErred(compute.key, _busy(start), _dump_error(exc)))
+            return m.ComputeErred(compute.key, _busy(start), _dump_error(exc))
         duration = _busy(start)
         try:
             frames = serialize.dumps(value, what=f"result of {_fn_name(fn)}")
         except Exception as exc:
-            return m.encode(m.ComputeErred(compute.key, duration, _dump_error(exc)))
+            return m.ComputeErred(compute.key, duration, _dump_error(exc))
         size = self.store.put_result(compute.key, value, frames)
         small = size <= SMALL_RESULT
-        return m.encode(m.ComputeDone(compute.key, size, small, duration, frames if small else []))
+        return m.ComputeDone(compute.key, size, small, duration, frames if small else [])
 
     def _unpack(self, compute: m.Compute) -> tuple:
         fn_bytes, *arg_frames = compute.frames

@@ -39,9 +39,10 @@ from typing import Any
 import zmq
 
 from .. import messages as m
-from ..transport import serialize, shm
+from ..transport import runmarker, serialize, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import MalformedMessage
+from ..transport.runmarker import RunMarker
 from ..transport.security import Security
 from ..transport.shmpool import SegmentPool
 from ..transport.sockets import bind, connect_to_data, control_socket, make_socket
@@ -135,6 +136,7 @@ class Worker:
         initializers = Initializers()
         self.recalls = Recalls()
         self.replacements = Replacements(max_replacements)
+        self.marker = RunMarker(nthreads)  # which task each slot runs (worker/reporting.py)
         self.slots = [
             Slot(
                 i,
@@ -146,6 +148,7 @@ class Worker:
                 security=security,
                 recalls=self.recalls,
                 replacements=self.replacements,
+                marker=self.marker,
             )
             for i in range(nthreads)
         ]
@@ -170,6 +173,7 @@ class Worker:
                 m.versions(),
                 os.getpid(),
                 shm.host_key(),
+                self.marker.path,
             )
         )
         poller = self._poller = zmq.Poller()
@@ -279,6 +283,7 @@ class Worker:
         self.ctrl.close(linger=200)  # let a last message (AddKeys) go out
         self.data.close(linger=0)
         self._shm_pool.close()
+        self.marker.unlink()
         shm.remove_own(self._shm_tag)  # answers nobody took in: they never will now
 
     def _send(self, msg: Any) -> None:
@@ -379,9 +384,18 @@ class Worker:
                 self.exit_code = RESTART_ME
             self.running = False
         elif isinstance(msg, m.Reply):
+            if not self.registered:
+                self._note_marker(msg.value == runmarker.MAPPED)
             self._note_registered()
         else:
             logger.warning("dropping unexpected %s on the control socket", type(msg).__name__)
+
+    def _note_marker(self, mapped: bool) -> None:
+        """The scheduler maps our run marker (it reads it if we die): slots may hold results."""
+        self.marker.unlink()  # mapped or not, the scheduler is done with the file
+        if mapped:
+            for slot in self.slots:
+                slot.hold.enabled = True
 
     def _note_registered(self) -> None:
         """The scheduler answers (and pings) only workers it registered."""
