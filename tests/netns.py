@@ -1,5 +1,4 @@
-"""Test plumbing for multi-host tests: Linux network namespaces as "hosts", and the meshpool
-processes started in them.
+"""Test plumbing for multi-host tests: Linux network namespaces as "hosts".
 
 Each host is a network namespace with one veth link (``eth0``) whose other end sits on a bridge
 in a namespace of its own, so every byte between two hosts crosses exactly two veth links, and
@@ -7,9 +6,9 @@ each host's ``eth0`` counters say what it sent and received. Addresses come from
 that exists only inside these namespaces: no namespace has a default route, and none is linked
 to the root namespace, so nothing can reach (or be reached from) anywhere else.
 
-Every process is tracked by :class:`Processes`, and :meth:`Network.close` kills whatever still
-runs in its namespaces (``ip netns pids``) before deleting them: cleanup never depends on a test
-having gone well.
+The meshpool processes run in them are started with ``cli_cluster`` (``namespace=``), and
+:meth:`Network.close` kills whatever still runs in its namespaces (``ip netns pids``) before
+deleting them: cleanup never depends on a test having gone well.
 
 This module also holds the worker-side task functions of the loopback test (workers import it
 by reference: their ``PYTHONPATH`` includes ``tests/``).
@@ -26,15 +25,11 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import psutil
 
-SRC = str(Path(__file__).resolve().parent.parent / "src")
-TESTS = str(Path(__file__).resolve().parent)
-
 IP_TIMEOUT = 30.0  # seconds one `ip` command may take (a slow shared machine; never stuck)
-STOP_TIMEOUT = 10.0  # seconds a process gets to exit after SIGTERM before SIGKILL
+STOP_TIMEOUT = 10.0  # seconds the processes of a namespace get to exit after SIGKILL
 
 
 # --- environment checks ------------------------------------------------------------------------
@@ -193,116 +188,6 @@ class Network:
         for namespace in reversed(self.created):
             kill_namespace(namespace)
         self.created.clear()
-
-
-# --- processes ---------------------------------------------------------------------------------
-
-
-def process_env(home: str, **extra: str) -> dict[str, str]:
-    """The environment of every process a test starts: this checkout and ``tests/`` importable,
-    ``MESHPOOL_HOME`` in the test's tmp dir (never ``~/.meshpool``), no inherited
-    ``MESHPOOL_*`` settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPOOL_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, TESTS, env.get("PYTHONPATH", "")) if p)
-    env["MESHPOOL_HOME"] = home
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-class Processes:
-    """Long-running processes (schedulers, workers) with their output in log files."""
-
-    def __init__(self, logs: Path, env: dict[str, str]) -> None:
-        self.logs = logs
-        self.env = env
-        self.started: list[tuple[subprocess.Popen, Path]] = []
-
-    def start(self, name: str, argv: list[str], namespace: str | None = None) -> subprocess.Popen:
-        """Start ``argv`` (in ``namespace``, if any), output to ``<logs>/<name>.log``."""
-        log = self.logs / f"{name}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                in_namespace(namespace, argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-            )
-        self.started.append((proc, log))
-        return proc
-
-    def wait_for_output(
-        self, proc: subprocess.Popen, pattern: str, timeout: float
-    ) -> re.Match[str]:
-        """Wait until ``proc``'s log matches ``pattern``; fail early if the process exits."""
-        log = next(path for p, path in self.started if p is proc)
-        deadline = time.monotonic() + timeout
-        while True:
-            found = re.search(pattern, log.read_text(errors="replace"))
-            if found:
-                return found
-            if proc.poll() is not None:
-                raise AssertionError(f"{proc.args} exited ({proc.returncode}):\n{self.tail(log)}")
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"no {pattern!r} from {proc.args} within {timeout:g} s:\n{self.tail(log)}"
-                )
-            time.sleep(0.05)
-
-    @staticmethod
-    def tail(log: Path, lines: int = 40) -> str:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-    def all_logs(self) -> str:
-        """Every log's tail, for an assertion message."""
-        return "\n".join(f"--- {log.name}\n{self.tail(log)}" for _, log in self.started)
-
-    def stop(self) -> None:
-        """SIGTERM each process's session (clean shutdown), then SIGKILL what is left,
-        including descendants in process groups of their own (a worker supervisor's workers)."""
-        descendants = []
-        for proc, _ in self.started:
-            try:
-                descendants += psutil.Process(proc.pid).children(recursive=True)
-            except psutil.Error:
-                pass
-            _signal_session(proc, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for proc, _ in self.started:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_session(proc, signal.SIGKILL)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
-        for child in descendants:
-            try:
-                child.kill()
-            except psutil.Error:
-                pass
-
-
-def _signal_session(proc: subprocess.Popen, sig: int) -> None:
-    """Signal the process group ``proc`` leads (start_new_session), or just ``proc``."""
-    if proc.poll() is not None and sig == signal.SIGTERM:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-
-def meshpool_command(*args: str) -> list[str]:
-    """The ``meshpool`` CLI run by this interpreter (no dependence on PATH)."""
-    return [sys.executable, "-m", "meshpool.cli", *args]
 
 
 # --- worker-side tasks (loopback test) -------------------------------------------------------

@@ -10,12 +10,11 @@ from __future__ import annotations
 import functools
 import pickle
 import random
-import subprocess
-import sys
 import time
 
 import pytest
 import zmq
+from cli_cluster import CliCluster
 from helpers import wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -136,39 +135,15 @@ def test_oversized_header_is_refused(fuzz_cluster):
 
 def test_unauthenticated_peer_cannot_reach_an_unpickler(tmp_path):
     """A secured scheduler: a peer without the keys never gets a frame decoded."""
-    keys = tmp_path / "keys"
-    subprocess.run([sys.executable, "-m", "meshpool.cli", "keygen", str(keys)], check=True)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meshpool.cli",
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--security",
-            str(keys),
-            "--log-level",
-            "INFO",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        address = line.split(" at ", 1)[1].strip()
-        sock = _dealer(address)
+    with CliCluster(tmp_path) as cluster:
+        cluster.start_scheduler("--log-level", "INFO")
+        sock = _dealer(cluster.address)
         sock.send_multipart([b"\x80\x05cos\nsystem\n(S'touch /tmp/pwned'\ntR."])
         time.sleep(0.3)
         sock.close()
-        with meshpool.Executor(address, security=str(keys), timeout=10) as client:
+        with cluster.executor(timeout=10) as client:
             assert client.workers() == []
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=10)
+    out = cluster.log("scheduler")
     assert "malformed" not in out and "dropping" not in out, out
 
 

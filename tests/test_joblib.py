@@ -8,7 +8,6 @@ fit through a scorer (scorers run in the same task as their fit).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 joblib = pytest.importorskip("joblib")
+from cli_cluster import CliCluster  # noqa: E402
 from joblib import Parallel, delayed, parallel_config  # noqa: E402
 
 import meshpool  # noqa: E402
@@ -86,41 +86,14 @@ def pids(ex):
 
 
 @pytest.fixture
-def remote_address() -> Iterator[str]:
+def remote_address(tmp_path) -> Iterator[str]:
     """A scheduler and one worker process started with the ``meshpool`` command (plain TCP on
-    the loopback interface), stopped afterwards."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    cli = [sys.executable, "-m", "meshpool.cli"]
-    scheduler = subprocess.Popen(
-        [*cli, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--insecure"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    worker = None
-    try:
-        assert scheduler.stdout is not None and "scheduler at" in scheduler.stdout.readline()
-        # a remote worker imports this module (the tasks' functions) like any user module
-        here = os.path.dirname(os.path.abspath(__file__))
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
-        }
-        worker = subprocess.Popen(
-            [*cli, "worker", address, "--insecure", "--nworkers", "1"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        yield address
-    finally:
-        for proc in (worker, scheduler):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(LIVENESS)
+    the loopback interface), stopped afterwards. (A remote worker imports this module, the
+    tasks' functions, like any user module: tests/ is on its path.)"""
+    with CliCluster(tmp_path, security="insecure") as cluster:
+        cluster.start_scheduler()
+        cluster.start_worker("w", "--nworkers", "1")
+        yield cluster.address
 
 
 def test_results_equal_serial_and_run_on_workers(ex, pids):

@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import netns
 import pytest
+from cli_cluster import START_TIMEOUT, CliCluster, free_port
 from helpers import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 HEARTBEAT_TIMEOUT = 2.0  # seconds (MESHPOOL_HEARTBEAT_TIMEOUT of every process here)
-START_TIMEOUT = 60.0  # processes announcing themselves, workers joining (liveness only)
 GONE_TIMEOUT = 30.0  # a frozen worker being removed (liveness only: ~HEARTBEAT_TIMEOUT expected)
 
 
@@ -86,49 +84,23 @@ def hold_gil(seconds: float) -> dict:
 # --- the cluster ------------------------------------------------------------------------------
 
 
-def _secured_processes(tmp_path, monkeypatch) -> tuple[netns.Processes, object]:
-    """A process tracker whose processes (and this test's client) use a private MESHPOOL_HOME
-    and the short heartbeat timeout, and a fresh key pair; returns (processes, keys dir)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    env = netns.process_env(str(home), MESHPOOL_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT))
-    keys = tmp_path / "keys"
-    subprocess.run(
-        netns.meshpool_command("keygen", str(keys)), env=env, check=True, capture_output=True
-    )
-    monkeypatch.setenv("MESHPOOL_HOME", str(home))
-    monkeypatch.setenv("MESHPOOL_HEARTBEAT_TIMEOUT", str(HEARTBEAT_TIMEOUT))  # our client too
-    return netns.Processes(tmp_path, env), keys
+def _secured_cluster(tmp_path, monkeypatch) -> CliCluster:
+    """A CliCluster (a fresh key pair) whose processes, and this test's clients, use a private
+    MESHPOOL_HOME and the short heartbeat timeout."""
+    cluster = CliCluster(tmp_path, MESHPOOL_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT))
+    cluster.share_env(monkeypatch)
+    return cluster
 
 
 @pytest.fixture
 def cli_cluster(tmp_path, monkeypatch):
     """A secured scheduler and two worker nannies (wa, wb: one worker process each), all with a
-    short heartbeat timeout; yields (address, credentials directory, processes)."""
-    procs, keys = _secured_processes(tmp_path, monkeypatch)
-    monkeypatch.delenv("MESHPOOL_SECURITY", raising=False)
-    try:
-        scheduler = procs.start(
-            "scheduler",
-            netns.meshpool_command(
-                "scheduler", "--host", "127.0.0.1", "--port", "0", "--security", str(keys)
-            ),
-        )
-        found = procs.wait_for_output(scheduler, r"meshpool scheduler at (tcp://\S+)", 60)
-        address = found.group(1)
+    short heartbeat timeout."""
+    with _secured_cluster(tmp_path, monkeypatch) as cluster:
+        cluster.start_scheduler()
         for name in ("wa", "wb"):
-            nanny = procs.start(
-                name,
-                netns.meshpool_command("worker", address, "--security", str(keys), "--name", name),
-            )
-            procs.wait_for_output(nanny, r"meshpool worker: \d+ process", START_TIMEOUT)
-        yield address, keys, procs
-    finally:
-        procs.stop()
-
-
-def _log(procs: netns.Processes, name: str) -> str:
-    return (procs.logs / f"{name}.log").read_text(errors="replace")
+            cluster.start_worker(name)
+        yield cluster
 
 
 def _by_name(ex) -> dict[str, dict]:
@@ -136,12 +108,11 @@ def _by_name(ex) -> dict[str, dict]:
 
 
 def test_frozen_worker_is_removed_and_restarted_on_thaw(cli_cluster, tmp_path):
-    import meshpool
 
-    address, keys, procs = cli_cluster
+    cluster = cli_cluster
     marks = tmp_path / "marks"
     marks.mkdir()
-    with meshpool.Executor(address, security=str(keys), timeout=START_TIMEOUT) as ex:
+    with cluster.executor() as ex:
         ex.wait_for_workers(2, timeout=START_TIMEOUT)
         victim = _by_name(ex)["wa-0"]
         futures = [ex.submit(square_marked, i, str(marks), 1.0) for i in range(6)]
@@ -163,7 +134,7 @@ def test_frozen_worker_is_removed_and_restarted_on_thaw(cli_cluster, tmp_path):
             survivor = _by_name(ex)["wb-0"]["pid"]
             # interrupted by the freeze: ran again on the other worker
             assert any(results[i][1] == survivor for i in running), (running, results)
-            log = _log(procs, "scheduler")
+            log = cluster.log("scheduler")
             assert "connection timed out (host vanished?)" in log, log
         finally:
             os.kill(victim["pid"], signal.SIGCONT)
@@ -175,7 +146,7 @@ def test_frozen_worker_is_removed_and_restarted_on_thaw(cli_cluster, tmp_path):
             "a fresh worker from the victim's nanny",
         )
         wait_until(lambda: _exited(victim["pid"]), START_TIMEOUT, "the thawed worker's exit")
-        log = _log(procs, "scheduler")
+        log = cluster.log("scheduler")
         assert "was removed and is back" in log, log
         assert "from unregistered peer" not in log, log  # what its slots sent after the thaw
         fresh = _by_name(ex)["wa-0"]["pid"]
@@ -183,7 +154,7 @@ def test_frozen_worker_is_removed_and_restarted_on_thaw(cli_cluster, tmp_path):
         assert later == (49, fresh)
         again = ex.map(square_marked, range(8), [str(marks)] * 8, [0] * 8)
         assert [r[0] for r in again] == [i * i for i in range(8)]
-        assert procs.started[1][0].poll() is None  # the victim's nanny carries on
+        assert cluster.process("wa").poll() is None  # the victim's nanny carries on
 
 
 def _exited(pid: int) -> bool:
@@ -195,10 +166,8 @@ def _exited(pid: int) -> bool:
 
 
 def test_task_holding_the_gil_is_not_taken_for_a_dead_worker(cli_cluster):
-    import meshpool
 
-    address, keys, procs = cli_cluster
-    with meshpool.Executor(address, security=str(keys), timeout=START_TIMEOUT) as ex:
+    with cli_cluster.executor() as ex:
         ex.wait_for_workers(2, timeout=START_TIMEOUT)
         before = {w["id"] for w in ex.workers()}
         report = ex.submit(hold_gil, 3 * HEARTBEAT_TIMEOUT).result(timeout=120)
@@ -208,7 +177,7 @@ def test_task_holding_the_gil_is_not_taken_for_a_dead_worker(cli_cluster):
         assert report["ticks_during"] <= 2 and report["ticks_after"] >= 2, report
         assert {w["id"] for w in ex.workers()} == before
         assert report["pid"] in {w["pid"] for w in ex.workers()}
-        assert "removed" not in _log(procs, "scheduler")
+        assert "removed" not in cli_cluster.log("scheduler")
         assert ex.submit(pow, 3, 4).result(timeout=60) == 81
 
 
@@ -217,22 +186,17 @@ def test_task_holding_the_gil_is_not_taken_for_a_dead_worker(cli_cluster):
 
 class Restartable:
     """A secured ``meshpool scheduler`` on a fixed port, which the test kills and starts again,
-    and one worker nanny (two worker processes) with ``--scheduler-silence silence``."""
+    and one worker nanny ("n": two worker processes) with ``--scheduler-silence silence``."""
 
-    def __init__(self, procs: netns.Processes, keys: Path) -> None:
-        self.procs = procs
-        self.keys = keys
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+    def __init__(self, cluster: CliCluster) -> None:
+        self.cluster = cluster
+        self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.schedulers: list[subprocess.Popen] = []
 
     def start_scheduler(self) -> subprocess.Popen:
         name = f"scheduler{len(self.schedulers)}"
-        argv = ["scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
-        proc = self.procs.start(name, netns.meshpool_command(*argv, "--security", str(self.keys)))
-        self.procs.wait_for_output(proc, r"meshpool scheduler at", START_TIMEOUT)
+        proc = self.cluster.start_scheduler(port=self.port, name=name)
         self.schedulers.append(proc)
         return proc
 
@@ -242,27 +206,20 @@ class Restartable:
         proc.wait(timeout=START_TIMEOUT)
 
     def start_nanny(self, silence: float) -> subprocess.Popen:
-        argv = ["worker", self.address, "--security", str(self.keys), "--nworkers", "2"]
-        argv += ["--name", "n", "--scheduler-silence", str(silence)]
-        nanny = self.procs.start("nanny", netns.meshpool_command(*argv))
-        self.procs.wait_for_output(nanny, r"meshpool worker: \d+ process", START_TIMEOUT)
-        return nanny
+        return self.cluster.start_worker(
+            "n", "--nworkers", "2", "--scheduler-silence", str(silence)
+        )
 
     def worker_pids(self) -> set[int]:
-        import meshpool
-
-        with meshpool.Executor(self.address, security=str(self.keys), timeout=START_TIMEOUT) as ex:
+        with self.cluster.executor() as ex:
             ex.wait_for_workers(2, timeout=START_TIMEOUT)
             return {w["pid"] for w in ex.workers()}
 
 
 @pytest.fixture
 def restartable(tmp_path, monkeypatch):
-    procs, keys = _secured_processes(tmp_path, monkeypatch)
-    try:
-        yield Restartable(procs, keys)
-    finally:
-        procs.stop()
+    with _secured_cluster(tmp_path, monkeypatch) as cluster:
+        yield Restartable(cluster)
 
 
 def test_workers_and_their_nanny_exit_when_the_scheduler_is_gone(restartable):
@@ -275,13 +232,12 @@ def test_workers_and_their_nanny_exit_when_the_scheduler_is_gone(restartable):
     assert nanny.wait(timeout=START_TIMEOUT) == 1
     print(f"nanny exited {time.monotonic() - lost_at:.1f} s after the scheduler", file=sys.stderr)
     wait_until(lambda: all(_exited(pid) for pid in workers), START_TIMEOUT, "the workers' exit")
-    log = _log(restartable.procs, "nanny")
+    log = restartable.cluster.log("n")
     assert f"no word from the scheduler for {silence:g} s" in log, log
     assert "lost the scheduler at" in log, log
 
 
 def test_workers_rejoin_a_scheduler_restarted_on_their_address(restartable, tmp_path):
-    import meshpool
 
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -292,8 +248,7 @@ def test_workers_rejoin_a_scheduler_restarted_on_their_address(restartable, tmp_
     restartable.start_scheduler()
     # the old workers reconnect, are unknown to the new scheduler, and are told to restart:
     # their nanny starts fresh ones, which register
-    keys = str(restartable.keys)
-    with meshpool.Executor(restartable.address, security=keys, timeout=START_TIMEOUT) as ex:
+    with restartable.cluster.executor() as ex:
         wait_until(
             lambda: len({w["pid"] for w in ex.workers()} - before) == 2,
             START_TIMEOUT,
@@ -304,7 +259,7 @@ def test_workers_rejoin_a_scheduler_restarted_on_their_address(restartable, tmp_
         assert [r[0] for r in results] == [i * i for i in range(8)]
         assert {r[1] for r in results} <= fresh
     wait_until(lambda: all(_exited(pid) for pid in before), START_TIMEOUT, "the old workers' exit")
-    assert "unknown worker" in _log(restartable.procs, "scheduler1")
+    assert "unknown worker" in restartable.cluster.log("scheduler1")
     assert nanny.poll() is None  # the nanny carries on
 
 
@@ -315,25 +270,24 @@ def test_results_from_slots_of_unknown_workers_are_dropped_quietly(tmp_path):
 
     from meshpool import messages as m
 
-    procs = netns.Processes(tmp_path, netns.process_env(str(tmp_path / "home")))
+    cluster = CliCluster(tmp_path, security="insecure")
     context = zmq.Context()
     try:
-        argv = ["scheduler", "--host", "127.0.0.1", "--port", "0", "--insecure"]
-        scheduler = procs.start("scheduler", netns.meshpool_command(*argv, "--log-level", "DEBUG"))
-        found = procs.wait_for_output(scheduler, r"meshpool scheduler at (tcp://\S+)", 60)
+        scheduler = cluster.start_scheduler("--log-level", "DEBUG")
+        procs = cluster.procs
         for identity in ("ghost-1/0", "stranger"):
             sock = context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 1000)
             sock.setsockopt(zmq.IDENTITY, identity.encode())
-            sock.connect(found.group(1))
+            sock.connect(cluster.address)
             sock.send_multipart(m.encode(m.ComputeDone("k", 1, False, 0.1)))
         procs.wait_for_output(scheduler, r"from unregistered peer 'stranger'", START_TIMEOUT)
         procs.wait_for_output(
             scheduler, r"from 'ghost-1/0', a worker not registered here", START_TIMEOUT
         )
-        lines = _log(procs, "scheduler").splitlines()
+        lines = cluster.log("scheduler").splitlines()
         assert any("WARNING" in line and "'stranger'" in line for line in lines), lines
         assert all("DEBUG" in line for line in lines if "ghost-1/0" in line), lines
     finally:
         context.destroy(linger=0)
-        procs.stop()
+        cluster.close()

@@ -26,78 +26,31 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import netns
 import pytest
+from cli_cluster import START_TIMEOUT, CliCluster, keygen
 
 pytestmark = pytest.mark.timeout(180)
 
 BLOCK = 20 * 2**20  # bytes of the array that must move from w1 to w2
 FETCHED = 256 * 2**10  # a result the client fetches from w2's data socket (> SMALL_RESULT)
-START_TIMEOUT = 60.0  # a process announcing itself, workers joining (liveness only)
 RUN_TIMEOUT = 90.0  # one client script, start to finish (liveness only)
 REFUSAL_TIMEOUT = 3.0  # the refused clients' Executor(timeout=...)
 
 
-def _keygen(directory: Path, env: dict) -> Path:
-    """``meshpool keygen DIR`` through the CLI."""
-    subprocess.run(
-        netns.meshpool_command("keygen", str(directory)),
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=START_TIMEOUT,
-    )
-    assert (directory / "cluster.key_secret").exists()
-    return directory
-
-
 def _start_cluster(
-    procs: netns.Processes,
-    security: Path,
-    scheduler_host: str,
-    worker_hosts: dict[str, str],
-    namespaces: dict[str, str | None],
+    cluster: CliCluster, scheduler_host: str, worker_hosts: dict[str, str], namespaces: dict
 ) -> str:
-    """Start ``meshpool scheduler`` (port 0: it picks one and prints it) and one ``meshpool
-    worker`` per name in ``worker_hosts`` (name -> listen IP); return the scheduler address.
-
-    Returns once every process exists, so that conftest's per-test reaper counts them as
-    older than the test (it kills processes a test leaves behind)."""
-    scheduler = procs.start(
-        "scheduler",
-        netns.meshpool_command(
-            "scheduler", "--host", scheduler_host, "--port", "0", "--security", str(security)
-        ),
-        namespace=namespaces.get("scheduler"),
-    )
-    found = procs.wait_for_output(scheduler, r"meshpool scheduler at (tcp://\S+)", START_TIMEOUT)
-    address = found.group(1)
-    assert address.startswith(f"tcp://{scheduler_host}:"), address
-    supervisors = []
+    """Start ``meshpool scheduler`` and one ``meshpool worker`` per name in ``worker_hosts``
+    (name -> listen IP), each in ``namespaces[name]`` if given; return the scheduler address."""
+    cluster.start_scheduler(host=scheduler_host, namespace=namespaces.get("scheduler"))
+    assert cluster.address.startswith(f"tcp://{scheduler_host}:"), cluster.address
     for name, host in worker_hosts.items():
-        supervisor = procs.start(
-            name,
-            netns.meshpool_command(
-                "worker",
-                address,
-                "--security",
-                str(security),
-                "--nworkers",
-                "1",
-                "--name",
-                name,
-                "--listen-host",
-                host,
-            ),
-            namespace=namespaces.get(name),
+        cluster.start_worker(
+            name, "--nworkers", "1", "--listen-host", host, namespace=namespaces.get(name)
         )
-        supervisors.append(supervisor)
-    # printed once the worker processes exist (they register with the scheduler on their own)
-    for supervisor in supervisors:
-        procs.wait_for_output(supervisor, r"meshpool worker: \d+ process", START_TIMEOUT)
-    return address
+    return cluster.address
 
 
 # --- loopback: runs everywhere ------------------------------------------------------------------
@@ -106,31 +59,16 @@ def _start_cluster(
 @pytest.fixture
 def loopback_cluster(tmp_path, monkeypatch):
     """A secured scheduler and workers w1, w2 on 127.0.0.1, started through the CLI."""
-    home = tmp_path / "home"
-    home.mkdir()
-    env = netns.process_env(str(home))
-    procs = netns.Processes(tmp_path, env)
-    security = _keygen(tmp_path / "creds", env)
-    monkeypatch.setenv("MESHPOOL_HOME", str(home))  # the in-process client too
-    monkeypatch.delenv("MESHPOOL_SECURITY", raising=False)
-    try:
-        address = _start_cluster(
-            procs,
-            security,
-            "127.0.0.1",
-            {"w1": "127.0.0.1", "w2": "127.0.0.1"},
-            {},
-        )
-        yield address, security, procs
-    finally:
-        procs.stop()
+    with CliCluster(tmp_path) as cluster:
+        cluster.share_env(monkeypatch)  # the in-process client too
+        _start_cluster(cluster, "127.0.0.1", {"w1": "127.0.0.1", "w2": "127.0.0.1"}, {})
+        yield cluster
 
 
 def test_loopback_data_moves_between_workers_not_through_caller(loopback_cluster):
-    import meshpool
 
-    address, security, procs = loopback_cluster
-    with meshpool.Executor(address, security=str(security), timeout=START_TIMEOUT) as ex:
+    cluster = loopback_cluster
+    with cluster.executor() as ex:
         ex.wait_for_workers(2, timeout=START_TIMEOUT)
         workers = {w["name"]: w for w in ex.workers()}
         assert sorted(workers) == ["w1-0", "w2-0"], workers
@@ -153,7 +91,7 @@ def test_loopback_data_moves_between_workers_not_through_caller(loopback_cluster
         del block  # keep the array alive until both workers' holdings were read
 
     # the array was made on w1 and copied to w2: both hold it
-    assert held["w1-0"] >= BLOCK and held["w2-0"] >= BLOCK, (held, procs.all_logs())
+    assert held["w1-0"] >= BLOCK and held["w2-0"] >= BLOCK, (held, cluster.procs.all_logs())
     # ... while the caller and the scheduler only saw control messages
     moved = {
         "client_sent": stats.client_bytes_sent,
@@ -197,16 +135,9 @@ def network():
 @pytest.fixture(scope="module")
 def ns_cluster(network, tmp_path_factory):
     """A secured scheduler in mp-sched and workers w1, w2 in mp-w1, mp-w2."""
-    base = tmp_path_factory.mktemp("netns")
-    home = base / "home"
-    home.mkdir()
-    env = netns.process_env(str(home))
-    procs = netns.Processes(base, env)
-    security = _keygen(base / "creds", env)
-    try:
-        address = _start_cluster(
-            procs,
-            security,
+    with CliCluster(tmp_path_factory.mktemp("netns")) as cluster:
+        _start_cluster(
+            cluster,
             network.address("sched"),
             {"w1": network.address("w1"), "w2": network.address("w2")},
             {
@@ -215,9 +146,7 @@ def ns_cluster(network, tmp_path_factory):
                 "w2": network.namespace("w2"),
             },
         )
-        yield {"address": address, "security": security, "env": env, "base": base, "procs": procs}
-    finally:
-        procs.stop()
+        yield cluster
 
 
 CLIENT_SCRIPT = """
@@ -308,23 +237,23 @@ print(json.dumps(globals()[args["mode"]]()))
 
 def _run_client(network, ns_cluster, **args) -> dict:
     """Run the client script in mp-client; return the JSON it printed last."""
-    script = ns_cluster["base"] / "client.py"
+    script = ns_cluster.directory / "client.py"
     script.write_text(textwrap.dedent(CLIENT_SCRIPT))
     argv = netns.in_namespace(
         network.namespace("client"), [sys.executable, str(script), json.dumps(args)]
     )
     try:
         done = subprocess.run(
-            argv, env=ns_cluster["env"], capture_output=True, text=True, timeout=RUN_TIMEOUT
+            argv, env=ns_cluster.env, capture_output=True, text=True, timeout=RUN_TIMEOUT
         )
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(
             f"client script stuck for {RUN_TIMEOUT:g} s:\n{exc.stdout}\n{exc.stderr}\n"
-            + ns_cluster["procs"].all_logs()
+            + ns_cluster.procs.all_logs()
         ) from exc
     assert done.returncode == 0 and done.stdout.strip(), (
         f"client script failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n"
-        + ns_cluster["procs"].all_logs()
+        + ns_cluster.procs.all_logs()
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -336,8 +265,8 @@ def test_netns_data_moves_worker_to_worker_over_the_links(network, ns_cluster):
         network,
         ns_cluster,
         mode="flow",
-        address=ns_cluster["address"],
-        security=str(ns_cluster["security"]),
+        address=ns_cluster.address,
+        security=str(ns_cluster.keys),
         block=BLOCK,
         fetched=FETCHED,
     )
@@ -376,20 +305,20 @@ def test_netns_client_without_the_credentials_is_refused(network, ns_cluster, cr
         security = None
     else:
         security = str(
-            _keygen(ns_cluster["base"] / f"other-{time.monotonic_ns()}", ns_cluster["env"])
+            keygen(ns_cluster.directory / f"other-{time.monotonic_ns()}", ns_cluster.env)
         )
     report = _run_client(
         network,
         ns_cluster,
         mode="refused",
-        address=ns_cluster["address"],
+        address=ns_cluster.address,
         security=security,
         timeout=REFUSAL_TIMEOUT,
     )
     print("refused:", json.dumps(report))
     assert report["error"] is not None, f"connected without the cluster's credentials: {report}"
     assert report["security_error"] and report["comm_error"], report
-    assert ns_cluster["address"] in report["message"], report
+    assert ns_cluster.address in report["message"], report
     # refused within its timeout (plus slack for a slow machine), not hung
     assert report["elapsed"] < REFUSAL_TIMEOUT + 30, report
     _assert_cluster_intact(network, ns_cluster)
@@ -397,14 +326,15 @@ def test_netns_client_without_the_credentials_is_refused(network, ns_cluster, cr
 
 def _assert_cluster_intact(network, ns_cluster) -> None:
     """The scheduler still serves its own clients, with exactly the two real workers."""
-    for proc, _ in ns_cluster["procs"].started:
-        assert proc.poll() is None, f"{proc.args} exited:\n{ns_cluster['procs'].all_logs()}"
+    for proc, log in ns_cluster.procs.started:
+        if not log.stem.startswith("intruder"):
+            assert proc.poll() is None, f"{proc.args} exited:\n{ns_cluster.procs.all_logs()}"
     listed = _run_client(
         network,
         ns_cluster,
         mode="names",
-        address=ns_cluster["address"],
-        security=str(ns_cluster["security"]),
+        address=ns_cluster.address,
+        security=str(ns_cluster.keys),
     )
     assert listed == ["w1-0", "w2-0"], listed
 
@@ -414,30 +344,30 @@ def _assert_cluster_intact(network, ns_cluster) -> None:
 def test_netns_worker_without_the_credentials_is_refused(network, ns_cluster, credentials):
     """A ``meshpool worker`` on another host without the cluster's key never joins: it exits
     with an error that says so (bounded wait), and the cluster is unaffected."""
-    argv = ["worker", ns_cluster["address"], "--name", "intruder", "--nworkers", "1"]
+    flags: list[str] = []  # none: it looks for keys by the scheduler's address, finds none
     if credentials == "another-clusters":
-        other = _keygen(ns_cluster["base"] / f"other-{time.monotonic_ns()}", ns_cluster["env"])
-        argv += ["--security", str(other)]
-    procs = netns.Processes(ns_cluster["base"], ns_cluster["env"])
+        other = keygen(ns_cluster.directory / f"other-{time.monotonic_ns()}", ns_cluster.env)
+        flags = ["--security", str(other)]
+    name = f"intruder-{credentials}"
+    intruder = ns_cluster.start_worker(
+        name,
+        "--nworkers",
+        "1",
+        credentials=flags,
+        namespace=network.namespace("client"),
+        ready=False,
+    )
     try:
-        intruder = procs.start(
-            f"intruder-{credentials}",
-            netns.meshpool_command(*argv),
-            namespace=network.namespace("client"),
-        )
-        try:
-            code = intruder.wait(START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"a worker without the credentials still runs after {START_TIMEOUT:g} s:\n"
-                + procs.all_logs()
-            ) from None
-        log = procs.all_logs()
-        print(f"refused worker exited {code}:", log.splitlines()[-1])
-        assert code != 0, log
-        assert "refused" in log and ns_cluster["address"] in log, log
-    finally:
-        procs.stop()
+        code = intruder.wait(START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"a worker without the credentials still runs after {START_TIMEOUT:g} s:\n"
+            + ns_cluster.log(name)
+        ) from None
+    log = ns_cluster.log(name)
+    print(f"refused worker exited {code}:", log.splitlines()[-1])
+    assert code != 0, log
+    assert "refused" in log and ns_cluster.address in log, log
     _assert_cluster_intact(network, ns_cluster)
 
 
@@ -484,10 +414,7 @@ with meshpool.Executor(args["address"], security=args["security"], timeout=60) a
 def test_netns_vanished_host_is_noticed_and_its_tasks_rerun(network, tmp_path):
     """w1's link goes down while it runs tasks: nothing closes its TCP connections, yet the
     scheduler removes it within about the heartbeat timeout, and every task completes on w2."""
-    home = tmp_path / "home"
-    home.mkdir()
-    env = netns.process_env(str(home), MESHPOOL_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT))
-    procs = netns.Processes(tmp_path, env)
+    cluster = CliCluster(tmp_path, MESHPOOL_HEARTBEAT_TIMEOUT=str(HEARTBEAT_TIMEOUT))
     marks = tmp_path / "marks"
     marks.mkdir()
     script = tmp_path / "partition.py"
@@ -495,20 +422,18 @@ def test_netns_vanished_host_is_noticed_and_its_tasks_rerun(network, tmp_path):
     w1 = network.namespace("w1")
     client = None
     try:
-        security = _keygen(tmp_path / "creds", env)
         address = _start_cluster(
-            procs,
-            security,
+            cluster,
             network.address("sched"),
             {"w1": network.address("w1"), "w2": network.address("w2")},
             {"scheduler": network.namespace("sched"), "w1": w1, "w2": network.namespace("w2")},
         )
-        args = {"address": address, "security": str(security), "marks": str(marks)}
+        args = {"address": address, "security": str(cluster.keys), "marks": str(marks)}
         client = subprocess.Popen(
             netns.in_namespace(
                 network.namespace("client"), [sys.executable, str(script), json.dumps(args)]
             ),
-            env=env,
+            env=cluster.env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -516,18 +441,19 @@ def test_netns_vanished_host_is_noticed_and_its_tasks_rerun(network, tmp_path):
         )
         assert client.stdout is not None and client.stdin is not None
         line = client.stdout.readline()  # (bounded by the test's timeout)
-        assert line.strip() == "running on w1", (line, client.stderr.read(), procs.all_logs())
+        logs = cluster.procs.all_logs
+        assert line.strip() == "running on w1", (line, client.stderr.read(), logs())
         netns.ip("-n", w1, "link", "set", "eth0", "down")
         client.stdin.write("down\n")
         client.stdin.flush()
         out, err = client.communicate(timeout=RUN_TIMEOUT)
-        assert client.returncode == 0, (out, err, procs.all_logs())
+        assert client.returncode == 0, (out, err, logs())
     finally:
         netns.ip("-n", w1, "link", "set", "eth0", "up", check=False)
         if client is not None and client.poll() is None:
             client.kill()
             client.wait()
-        procs.stop()
+        cluster.close()
     report = json.loads(out.strip().splitlines()[-1])
     print(f"vanished host removed {report['removed_after']:.2f} s after its link went down")
     results = report["results"]
@@ -536,5 +462,5 @@ def test_netns_vanished_host_is_noticed_and_its_tasks_rerun(network, tmp_path):
     # the task w1 was running when its link went down ran again on w2
     rerun = [i for i, r in enumerate(results) if (marks / f"{i}.{w1_pid}").exists()]
     assert any(results[i][1] == w2_pid for i in rerun), (rerun, report)
-    log = (tmp_path / "scheduler.log").read_text()
+    log = cluster.log("scheduler")
     assert "connection timed out (host vanished?)" in log, log

@@ -4,114 +4,59 @@ TCP, with CURVE credentials (``meshpool keygen``), found by directory or by addr
 from __future__ import annotations
 
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import tasks
-from helpers import LIVENESS, script_env, wait_until
+from cli_cluster import CliCluster, free_port
+from helpers import LIVENESS, wait_until
 
 import meshpool
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_cluster(cluster: CliCluster, nworkers: int = 2, port: int = 0) -> CliCluster:
+    """A scheduler and one worker nanny ("w") with ``nworkers`` worker processes."""
+    cluster.start_scheduler(port=port)
+    cluster.start_worker("w", "--nworkers", str(nworkers))
+    return cluster
 
 
-class Cluster:
-    """A scheduler and a worker nanny started through the CLI, stopped with SIGTERM."""
+def stop_cleanly(cluster: CliCluster) -> None:
+    """SIGTERM stops the nanny and its worker processes, then the scheduler, each with code 0."""
 
-    def __init__(self, tmp: Path, home: Path, *scheduler_args: str, nworkers: int = 2) -> None:
-        self.port = free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.env = script_env(MESHPOOL_HOME=str(home))  # PYTHONPATH has tests/: tasks.py
-        cli = [sys.executable, "-m", "meshpool.cli"]
-        # the logs live as long as the cluster; stop() closes them
-        self.scheduler_log = open(tmp / "scheduler.log", "w")  # noqa: SIM115
-        self.scheduler = subprocess.Popen(
-            [*cli, "scheduler", "--host", "127.0.0.1", "--port", str(self.port), *scheduler_args],
-            stdout=subprocess.PIPE,
-            stderr=self.scheduler_log,
-            text=True,
-            env=self.env,
-        )
-        self.procs = [self.scheduler]
-        assert self.scheduler.stdout is not None
-        line = self.scheduler.stdout.readline()
-        assert line.startswith("meshpool scheduler at"), line
-        self.worker_log = open(tmp / "worker.log", "w")  # noqa: SIM115
-        worker_args = [a for a in scheduler_args if a.startswith("--") and a != "--port"]
-        if "--security" in scheduler_args:
-            worker_args = ["--security", scheduler_args[scheduler_args.index("--security") + 1]]
-        self.workers = subprocess.Popen(
-            [*cli, "worker", self.address, "--nworkers", str(nworkers), *worker_args],
-            stdout=self.worker_log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
-        self.procs.append(self.workers)
-
-    def wait_for_workers(self, n: int, security: object = None) -> None:
-        """Block until ``n`` workers joined. A module-scoped cluster must: conftest's reaper
-        kills processes that appear during a test, and worker processes start late."""
-        with meshpool.Executor(self.address, security=security) as ex:  # type: ignore[arg-type]
-            ex.wait_for_workers(n, timeout=LIVENESS)
-
-    def stop(self) -> None:
-        """SIGTERM both; assert they (and the worker processes) exit."""
-        worker_pids = [p.pid for p in psutil.Process(self.workers.pid).children(recursive=True)]
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+    def gone(pid: int) -> bool:
         try:
-            codes = [proc.wait(LIVENESS) for proc in self.procs]
-        finally:
-            for proc in self.procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            self.scheduler_log.close()
-            self.worker_log.close()
-        assert codes == [0, 0]
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
 
-        def gone(pid: int) -> bool:
-            try:
-                return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                return True
-
-        wait_until(lambda: all(gone(p) for p in worker_pids), what="worker processes to exit")
+    try:
+        nanny = cluster.process("w")
+        workers = [p.pid for p in psutil.Process(nanny.pid).children(recursive=True)]
+        nanny.send_signal(signal.SIGTERM)
+        assert nanny.wait(LIVENESS) == 0
+        wait_until(lambda: all(gone(p) for p in workers), what="worker processes to exit")
+    finally:
+        codes = cluster.close()
+    assert codes == {"w": 0, "scheduler": 0}
 
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("remote")
-    home = tmp / "home"
-    keys = tmp / "keys"
-    subprocess.run(
-        [sys.executable, "-m", "meshpool.cli", "keygen", str(keys)],
-        check=True,
-        capture_output=True,
-        env=script_env(MESHPOOL_HOME=str(home)),
-    )
-    cluster = Cluster(tmp, home, "--security", str(keys))
-    cluster.wait_for_workers(2, security=str(keys))
-    cluster.keys = keys  # type: ignore[attr-defined]
-    cluster.home = home  # type: ignore[attr-defined]
-    yield cluster
-    cluster.stop()
+    with CliCluster(tmp_path_factory.mktemp("remote")) as cluster:
+        start_cluster(cluster)
+        # a module-scoped cluster must wait: conftest's reaper kills processes that appear
+        # during a test, and worker processes start late
+        cluster.wait_for_workers(2)
+        yield cluster
+        stop_cleanly(cluster)
 
 
 @pytest.fixture
 def remote(secured, monkeypatch):
     monkeypatch.setenv("MESHPOOL_HOME", str(secured.home))
-    with meshpool.Executor(secured.address, security=str(secured.keys)) as ex:
+    with secured.executor() as ex:
         ex.wait_for_workers(2, timeout=LIVENESS)
         yield ex
 
@@ -177,28 +122,25 @@ def test_missing_credential_directory_is_a_security_error(secured, tmp_path):
 
 
 def test_insecure_cluster(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("MESHPOOL_HOME", str(home))
-    cluster = Cluster(tmp_path, home, "--insecure", nworkers=1)
-    try:
+    with CliCluster(tmp_path, security="insecure") as cluster:
+        start_cluster(cluster, nworkers=1)
+        cluster.share_env(monkeypatch)
         with meshpool.Executor(cluster.address) as ex:
             ex.wait_for_workers(1, timeout=LIVENESS)
             assert ex.submit(tasks.inc, 1).result(LIVENESS) == 2
             assert len(ex.submit(tasks.big, 200_000).result(LIVENESS)) == 200_000
-    finally:
-        cluster.stop()
+        stop_cleanly(cluster)
 
 
 def test_credentials_found_by_address(tmp_path, monkeypatch):
     """No --security: the scheduler makes credentials under MESHPOOL_HOME, keyed by its
     address, and the same user's workers and clients find them there."""
-    home = tmp_path / "home"
-    monkeypatch.setenv("MESHPOOL_HOME", str(home))
-    cluster = Cluster(tmp_path, home, nworkers=1)
-    try:
-        assert (home / "clusters" / f"127.0.0.1-{cluster.port}" / "cluster.key_secret").exists()
+    port = free_port()
+    with CliCluster(tmp_path, security="address") as cluster:
+        start_cluster(cluster, nworkers=1, port=port)
+        cluster.share_env(monkeypatch)
+        assert (cluster.home / "clusters" / f"127.0.0.1-{port}" / "cluster.key_secret").exists()
         with meshpool.Executor(cluster.address) as ex:
             ex.wait_for_workers(1, timeout=LIVENESS)
             assert ex.submit(tasks.inc, 41).result(LIVENESS) == 42
-    finally:
-        cluster.stop()
+        stop_cleanly(cluster)

@@ -6,13 +6,10 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
-import netns
 import pytest
+from cli_cluster import CliCluster, free_port
 from helpers import LIVENESS
 from tasks import big, break_my_slot, getpid, inc
 
@@ -58,27 +55,11 @@ def test_a_slot_failing_outside_its_task_restarts_the_worker_instead_of_hanging(
 
 @pytest.fixture
 def cli_scheduler(tmp_path, monkeypatch):
-    """A secured ``meshpool scheduler``; yields (address, credentials, netns.Processes)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    env = netns.process_env(str(home))
-    procs = netns.Processes(tmp_path, env)
-    keys = tmp_path / "keys"
-    subprocess.run(
-        netns.meshpool_command("keygen", str(keys)), env=env, check=True, capture_output=True
-    )
-    monkeypatch.setenv("MESHPOOL_HOME", str(home))
-    try:
-        scheduler = procs.start(
-            "scheduler",
-            netns.meshpool_command(
-                "scheduler", "--host", "127.0.0.1", "--port", "0", "--security", str(keys)
-            ),
-        )
-        found = procs.wait_for_output(scheduler, r"meshpool scheduler at (tcp://\S+)", LIVENESS)
-        yield found.group(1), keys, procs
-    finally:
-        procs.stop()
+    """A secured ``meshpool scheduler`` (a CliCluster without workers yet)."""
+    with CliCluster(tmp_path) as cluster:
+        cluster.share_env(monkeypatch)
+        cluster.start_scheduler()
+        yield cluster
 
 
 @pytest.mark.timeout(180)
@@ -86,21 +67,16 @@ def test_cli_worker_over_its_memory_limit_is_restarted_every_time(cli_scheduler)
     """Deaths of workers that had registered are no failed starts: the nanny restarts the
     worker more than MAX_FAILED_STARTS times, the poison tasks end as KilledWorker, and the
     restarted worker still serves."""
-    address, keys, procs = cli_scheduler
-    nanny = procs.start(
-        "nanny",
-        netns.meshpool_command(
-            "worker", address, "--security", str(keys), "--name", "m", "--memory-limit", "100MB"
-        ),
-    )
-    with meshpool.Executor(address, security=str(keys), timeout=LIVENESS) as ex:
+    cluster = cli_scheduler
+    nanny = cluster.start_worker("m", "--memory-limit", "100MB")
+    with cluster.executor(timeout=LIVENESS) as ex:
         ex.wait_for_workers(1, timeout=LIVENESS)
         poison = [ex.submit(hog, 300) for _ in range(2)]  # 3 deaths each
         for future in poison:
             with pytest.raises(meshpool.KilledWorker):
                 future.result(timeout=120)
         assert ex.submit(inc, 1).result(timeout=LIVENESS) == 2
-        log = (procs.logs / "nanny.log").read_text(errors="replace")
+        log = cluster.log("m")
         assert log.count("exceeds the limit") >= 6, log
         assert nanny.poll() is None, log  # carried on: none of these was a failed start
         assert "failed to start" not in log
@@ -108,32 +84,25 @@ def test_cli_worker_over_its_memory_limit_is_restarted_every_time(cli_scheduler)
 
 @pytest.mark.timeout(120)
 def test_cli_worker_that_cannot_start_makes_its_nanny_give_up(cli_scheduler):
-    address, keys, procs = cli_scheduler
+    cluster = cli_scheduler
     # a bare worker takes more than 1 MB: every start fails before registering
-    nanny = procs.start(
-        "tiny",
-        netns.meshpool_command("worker", address, "--security", str(keys), "--memory-limit", "1MB"),
-    )
+    nanny = cluster.start_worker("tiny", "--memory-limit", "1MB", ready=False)
     assert nanny.wait(timeout=LIVENESS * 2) == 1
-    log = (procs.logs / "tiny.log").read_text(errors="replace")
+    log = cluster.log("tiny")
     assert log.count("exceeds the limit") == MAX_FAILED_STARTS, log
     assert "failed to start 3 times in a row" in log, log
     # nothing listens there: no scheduler ever answers, and the nanny says so
-    nowhere = procs.start(
+    nowhere = cluster.start_worker(
         "nowhere",
-        netns.meshpool_command(
-            "worker", f"tcp://127.0.0.1:{_free_port()}", "--insecure", "--scheduler-silence", "2"
-        ),
+        "--scheduler-silence",
+        "2",
+        address=f"tcp://127.0.0.1:{free_port()}",
+        credentials=["--insecure"],
+        ready=False,
     )
     assert nowhere.wait(timeout=LIVENESS * 2) == 1
-    log = (procs.logs / "nowhere.log").read_text(errors="replace")
+    log = cluster.log("nowhere")
     assert "no answer from a scheduler at" in log, log
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill_worker(ex, name: str) -> None:
@@ -177,41 +146,10 @@ def test_long_chain_with_dropped_futures_keeps_the_scheduler_flat():
 
 
 def test_vanished_scheduler_fails_pending_futures_with_scheduler_lost(tmp_path):
-    env = dict(os.environ, MESHPOOL_HOME=str(tmp_path / "home"))
-    tests_dir = os.path.dirname(__file__)
-    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
-    scheduler = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meshpool.cli",
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--insecure",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    worker = None
-    try:
-        line = scheduler.stdout.readline()
-        while " at " not in line:  # the --insecure warning comes first
-            line = scheduler.stdout.readline()
-        address = line.split(" at ", 1)[1].strip()
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "meshpool.cli", "worker", address, "--insecure"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        with meshpool.Executor(address, security=None) as ex:
+    with CliCluster(tmp_path, security="insecure") as cluster:
+        scheduler = cluster.start_scheduler()
+        cluster.start_worker("w")
+        with cluster.executor() as ex:
             ex.wait_for_workers(1, timeout=60)
             pending = ex.submit(time.sleep, 60)
             os.killpg(scheduler.pid, signal.SIGKILL)
@@ -221,11 +159,6 @@ def test_vanished_scheduler_fails_pending_futures_with_scheduler_lost(tmp_path):
             assert time.monotonic() - started < 30
             with pytest.raises(meshpool.SchedulerLost):
                 ex.submit(inc, 1)
-    finally:
-        for proc in (scheduler, worker):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 def test_failure_kinds_are_told_apart_by_type():
