@@ -24,19 +24,21 @@ slot, and as soon as its queue is empty.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 HOLD_BELOW = 0.0005  # hold results only while the slot's tasks average less than this (s)
-MAX_HELD = 32  # results sent in one message at most
-HOLD_SECONDS = 0.002  # the oldest held result waits at most about this long
+MAX_HELD = 8  # results sent in one message at most (a quarter of the most a slot is sent ahead)
+HOLD_SECONDS = 0.0005  # the oldest held result waits at most about this long (a quarter of
+# the work a slot is sent ahead, placement.PREFETCH_SECONDS: its queue never runs dry meanwhile)
 
 
 class ResultHold:
     """A slot's held ComputeDone messages, and when to let them go."""
 
     def __init__(self) -> None:
-        self.enabled = False  # set once the scheduler maps our run marker
+        self.enabled = False  # set once the scheduler maps our run marker (see allowed())
         self.held: list = []
         self._since = 0.0
         self._mean = 2 * HOLD_BELOW  # seconds per task (moving average): held once it drops
@@ -62,3 +64,8 @@ class ResultHold:
         if msg is not None:
             held.append(msg)
         return held
+
+
+def allowed() -> bool:
+    """``MESHPOOL_HOLD_RESULTS=0`` turns holding off (every task reported at once)."""
+    return os.environ.get("MESHPOOL_HOLD_RESULTS", "1") != "0"

@@ -46,6 +46,7 @@ from ..transport.runmarker import RunMarker
 from ..transport.security import Security
 from ..transport.shmpool import SegmentPool
 from ..transport.sockets import bind, connect_to_data, control_socket, make_socket
+from . import reporting
 from .execution import MAX_REPLACEMENTS, Initializers, Recalls, Replacements, Slot, _buffer
 from .store import DataStore
 
@@ -393,7 +394,7 @@ class Worker:
     def _note_marker(self, mapped: bool) -> None:
         """The scheduler maps our run marker (it reads it if we die): slots may hold results."""
         self.marker.unlink()  # mapped or not, the scheduler is done with the file
-        if mapped:
+        if mapped and reporting.allowed():
             for slot in self.slots:
                 slot.hold.enabled = True
 
