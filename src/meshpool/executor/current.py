@@ -31,6 +31,9 @@ _task_executor: Callable[[], Executor] | None = None
 
 
 def register(executor: Executor) -> None:
+    # only executors still usable count towards the cap: 32 executors made and shut down after
+    # a long-lived one must not push it out (it would stop being "current")
+    _recent[:] = [ref for ref in _recent if _usable(ref())]
     _recent.append(weakref.ref(executor))
     del _recent[:-32]
 
