@@ -11,13 +11,11 @@ The scheduler's side (SlotBlocked) is driven synchronously first, with test_stat
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from helpers import LIVENESS, script_env
+from helpers import LIVENESS
 from tasks import getpid, inc, sleep
 from test_state_machine import Sim, compute, only, task_done
 
@@ -276,20 +274,12 @@ def test_past_the_replacement_cap_a_waiting_task_runs_queued_tasks(monkeypatch):
 @pytest.mark.timeout(240)
 def test_nested_tasks_on_a_secured_remote_cluster(tmp_path):
     """CLI scheduler and workers over TCP with CURVE: the task's handle uses the worker's keys."""
-    from test_remote import Cluster
+    from cli_cluster import CliCluster
 
-    home, keys = tmp_path / "home", tmp_path / "keys"
-    subprocess.run(
-        [sys.executable, "-m", "meshpool.cli", "keygen", str(keys)],
-        check=True,
-        capture_output=True,
-        env=script_env(MESHPOOL_HOME=str(home)),
-    )
-    cluster = Cluster(tmp_path, home, "--security", str(keys), nworkers=1)
-    try:
-        with meshpool.Executor(cluster.address, security=str(keys)) as ex:
+    with CliCluster(tmp_path) as cluster:
+        cluster.start_scheduler()
+        cluster.start_worker("w", "--nworkers", "1")
+        with cluster.executor() as ex:
             ex.wait_for_workers(1, timeout=LIVENESS)
             assert ex.submit(fib, 10).result(timeout=120) == 55
             assert ex.submit(submit_and_wait, 1).result(timeout=LIVENESS) == 2
-    finally:
-        cluster.stop()
