@@ -805,3 +805,38 @@ def test_compact_gives_back_emptied_tables():
     assert small == big
     kept = {i: i for i in range(100_000)}
     assert shrunk(kept) is kept  # full tables are left alone
+    for i in range(99_990, 100_000):
+        del big[i]
+    assert shrunk(big) is big and sys.getsizeof(big) < SHRINK_ABOVE  # emptied: in place
+
+
+def test_shrink_rebuilds_in_place():
+    """A new container made while a burst is released would pin one of its pymalloc arenas."""
+    from meshpool.scheduler.model import SHRINK_ABOVE, shrink
+
+    d = {i: str(i) for i in range(100_000)}
+    s = set(range(100_000))
+    for i in range(99_990):
+        del d[i]
+        s.discard(i)
+    grown = sys.getsizeof(d), sys.getsizeof(s)
+    assert min(grown) > SHRINK_ABOVE
+    shrink(d)
+    shrink(s)
+    assert sys.getsizeof(d) < grown[0] // 100 and sys.getsizeof(s) < grown[1] // 100
+    assert list(d) == list(range(99_990, 100_000)) and d[99_995] == "99995"
+    assert s == set(range(99_990, 100_000))
+
+
+def test_a_big_release_gives_back_the_task_table_at_once(sim):
+    sim.register("w1")
+    keys = [f"t{i}" for i in range(20_000)]
+    sim.submit(*[(k, []) for k in keys])
+    for key in keys:  # (not validated step by step: that is quadratic)
+        sim.state.handle_worker("w1/0", m.ComputeDone(key, 8, True, DURATION, [b"v"]))
+    assert all(sim.ts(k).state == MEMORY for k in keys)
+    table = sim.state.tasks
+    grown = sys.getsizeof(table)
+    sim.client(m.ReleaseKeys(keys))
+    assert not table and sim.state.tasks is table
+    assert sys.getsizeof(table) < grown // 100  # at once, not at the server's next tick

@@ -43,7 +43,8 @@ def _with(items: AbstractSet[_T], item: _T) -> set[_T]:
 _C = TypeVar("_C", dict, set)
 
 
-def _oversized(container: dict | set) -> bool:
+def oversized(container: dict | set) -> bool:
+    """Its table is big and mostly empty."""
     allocated = sys.getsizeof(container)
     return allocated > SHRINK_ABOVE and len(container) * 64 < allocated
 
@@ -54,7 +55,7 @@ def shrink(container: dict | set) -> None:
     In place, because a container is mostly compacted while a burst of tasks is released: a
     new dict or set object made then lands in one of the burst's pymalloc arenas and, living
     on, keeps that whole arena (1 MiB) from ever going back to the system."""
-    if _oversized(container):
+    if oversized(container):
         kept = container.copy()  # right-sized, and update() from it sizes the table once
         container.clear()
         container.update(kept)  # type: ignore[arg-type]
@@ -63,7 +64,7 @@ def shrink(container: dict | set) -> None:
 def shrunk(container: _C) -> _C:
     """As :func:`shrink` for a container other threads read: emptied in place when nothing
     is left, else replaced by a right-sized copy (a reader never sees it half rebuilt)."""
-    if not _oversized(container):
+    if not oversized(container):
         return container
     if not container:
         container.clear()

@@ -79,6 +79,7 @@ from .model import (
     _Recall,
     _with,
     _without,
+    oversized,
     shrink,
 )
 from .placement import (
@@ -355,6 +356,8 @@ class SchedulerState(Retirement):
             if ts is not None:
                 ts.wanted_by = _without(ts.wanted_by, client_id)
                 self._maybe_forget(ts)
+        if oversized(self.tasks):  # a big release: its tables go back now, not at a tick
+            self.compact()
 
     def _client_is_running(self, client_id: str, msg: m.IsRunning) -> None:
         """Running: on a worker and the oldest task of its slot (or one the worker said it
