@@ -27,6 +27,17 @@ def wait_until(predicate: Callable[[], object], timeout: float = LIVENESS, what:
         time.sleep(0.01)
 
 
+def becomes_true(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Whether ``predicate`` is true within ``timeout`` (polled; it is asked once more at the
+    end), for tests that assert on the answer themselves."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
 def write_script(directory: Path, source: str, name: str = "script.py") -> Path:
     """A script file that imports meshpool (from this checkout) and the tests' task module."""
     path = directory / name

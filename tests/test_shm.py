@@ -14,11 +14,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import zmq
+from helpers import becomes_true
 
 import meshpool
 from meshpool import messages as m
@@ -52,15 +52,6 @@ def shm_sent():
 def _files_of(pids) -> list[str]:
     prefixes = tuple(f"meshpool-{os.getuid()}-{pid}-" for pid in pids)
     return [n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefixes)]
-
-
-def _wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # --- on a cluster -----------------------------------------------------------------------------
@@ -160,9 +151,9 @@ def test_files_of_a_worker_killed_mid_transfer_are_removed():
         sock.connect(worker["address"])
         try:
             sock.send_multipart(m.encode(m.GetData(1, [held.key], shm.host_key())))
-            assert _wait_until(lambda: _files_of([worker["pid"]]) != [])
+            assert becomes_true(lambda: _files_of([worker["pid"]]) != [])
             os.kill(worker["pid"], signal.SIGKILL)
-            assert _wait_until(lambda: _files_of([worker["pid"]]) == [])
+            assert becomes_true(lambda: _files_of([worker["pid"]]) == [])
         finally:
             sock.close()
         # the cluster carries on (the result is recomputed on the replacement)
@@ -182,7 +173,7 @@ def test_callers_files_for_a_killed_worker_are_removed_at_shutdown():
             ex.submit(array_sum, make_array(10))
             tag = ex._core.prefix
             mine = f"meshpool-{os.getuid()}-{os.getpid()}-{tag}-"
-            assert _wait_until(lambda: any(n.startswith(mine) for n in os.listdir(shm.SHM_DIR)))
+            assert becomes_true(lambda: any(n.startswith(mine) for n in os.listdir(shm.SHM_DIR)))
         finally:
             os.kill(worker["pid"], signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):  # (the nanny may have reaped it)

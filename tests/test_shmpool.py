@@ -15,11 +15,11 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
 
 import numpy as np
 import pytest
+from helpers import becomes_true
 
 import meshpool
 from meshpool.transport import shm, shmpool
@@ -57,15 +57,6 @@ def _send(pool: SegmentPool, array: np.ndarray) -> tuple:
 
 def _receive(kept: list, spec: list, dtype=np.float64) -> np.ndarray:
     return np.frombuffer(shm.unpack_frames(kept, spec)[1], dtype=dtype)
-
-
-def _wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 # --- one process --------------------------------------------------------------------------------
@@ -391,7 +382,7 @@ def test_repeated_transfers_reuse_one_segment_each_way():
             del produced
             gc.collect()
             # the receivers have let go once their values are released
-            assert _wait_until(lambda: ex._core.shm_pool.statistics()["free_bytes"] > 0)
+            assert becomes_true(lambda: ex._core.shm_pool.statistics()["free_bytes"] > 0)
         assert ex._core.shm_pool.statistics()["segments"] == 1
         pids = [w["pid"] for w in workers]
         files = [n for n in os.listdir(shm.SHM_DIR) if any(f"-{p}-" in n for p in pids)]
@@ -415,7 +406,7 @@ def test_the_callers_mappings_of_worker_segments_go_with_the_executor_or_its_las
             return [n for n in shm._mapped if any(f"-{pid}-" in n for pid in pids)]
 
         assert len(theirs()) >= 1
-    assert _wait_until(
+    assert becomes_true(
         lambda: not any(f"-{p}-" in n for n in os.listdir(shm.SHM_DIR) for p in pids)
     )
     assert len(theirs()) == 1  # only the one a view still holds
@@ -435,4 +426,4 @@ def test_a_worker_killed_while_holding_a_callers_segment_frees_it():
         pool = ex._core.shm_pool
         assert pool.statistics()["free_bytes"] == 0
         os.kill(worker["pid"], signal.SIGKILL)
-        assert _wait_until(lambda: pool.statistics()["free_bytes"] > 0)
+        assert becomes_true(lambda: pool.statistics()["free_bytes"] > 0)
