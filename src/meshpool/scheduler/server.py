@@ -176,8 +176,11 @@ class SchedulerServer:
 
     def _flush_held(self) -> None:
         while self._held:
-            held, self._held = self._held, {}
-            for peer, msgs in held.items():
+            # emptied, not replaced: a new dict per flush, the last one living on, kept one of
+            # a released burst's pymalloc arenas in use
+            held = list(self._held.items())
+            self._held.clear()
+            for peer, msgs in held:
                 self._send_encoded(peer, m.encode_many(msgs))
 
     def _dispatch(self, peer: str, msg: Any) -> None:
