@@ -182,6 +182,14 @@ class MeshpoolSystem(_FuturesSystem):
             return [os.getpid()], "caller process (scheduler in-process)"
         return [os.getpid(), pid], "caller + scheduler process"
 
+    def after_release(self) -> None:
+        # as for dask: wait until the scheduler has forgotten the released tasks (under load
+        # the release can take longer than the fixed 1 s wait), then let it settle
+        deadline = time.monotonic() + 30
+        while self.ex._scheduler_info()["tasks"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+
     def versions(self) -> dict:
         import meshpool
 
