@@ -18,21 +18,25 @@ from . import shm
 MAPPED = "registered, run marker mapped"
 MARKER_MAGIC = b"meshpool-run-1\0\0"
 _SLOT = struct.Struct("<Q")
+RUN_TAG = "run"  # in the file's name, after the owner's pid
+
+
+def _offset(slot: int) -> int:
+    """Where slot ``slot``'s counter starts (for ``nthreads``: the file's size)."""
+    return len(MARKER_MAGIC) + _SLOT.size * slot
 
 
 class RunMarker:
     """The worker's side: one 8-byte counter per slot, in a file the scheduler may map."""
 
     def __init__(self, nthreads: int) -> None:
-        self.nthreads = nthreads
         self.path = ""
         self._map: mmap.mmap | None = None
         if not shm.host_key():
             return
-        # named like shm's files (uid, pid): the sweeps for dead processes' files cover it
-        name = f"meshpool-{os.getuid()}-{os.getpid()}-run-{uuid.uuid4().hex}"
-        path = os.path.join(shm.SHM_DIR, name)
-        size = len(MARKER_MAGIC) + _SLOT.size * nthreads
+        # named like shm's files: the sweeps for dead processes' files cover it
+        path = os.path.join(shm.SHM_DIR, shm.file_prefix(RUN_TAG) + uuid.uuid4().hex)
+        size = _offset(nthreads)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError:
@@ -50,12 +54,12 @@ class RunMarker:
 
     def set(self, slot: int, seq: int) -> None:
         if self._map is not None:
-            _SLOT.pack_into(self._map, len(MARKER_MAGIC) + _SLOT.size * slot, seq)
+            _SLOT.pack_into(self._map, _offset(slot), seq)
 
     def get(self, slot: int) -> int:
         if self._map is None:
             return 0
-        return int(_SLOT.unpack_from(self._map, len(MARKER_MAGIC) + _SLOT.size * slot)[0])
+        return int(_SLOT.unpack_from(self._map, _offset(slot))[0])
 
     def unlink(self) -> None:
         """The scheduler has answered: it mapped the file or never will."""
@@ -70,10 +74,10 @@ class MarkerReader:
 
     def __init__(self, path: str, nthreads: int) -> None:
         name = os.path.basename(path)
-        mine = name.startswith(f"meshpool-{os.getuid()}-") and "-run-" in name
+        mine = name.startswith(f"meshpool-{os.getuid()}-") and f"-{RUN_TAG}-" in name
         if os.path.dirname(path) != shm.SHM_DIR or not mine:
             raise ValueError(f"not a run marker: {path!r}")
-        size = len(MARKER_MAGIC) + _SLOT.size * nthreads
+        size = _offset(nthreads)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             if os.fstat(fd).st_size != size:
@@ -88,11 +92,7 @@ class MarkerReader:
 
     def running(self) -> list[int]:
         """The ``seq`` each slot was running (0: none)."""
-        base = len(MARKER_MAGIC)
-        return [
-            int(_SLOT.unpack_from(self._map, base + _SLOT.size * i)[0])
-            for i in range(self.nthreads)
-        ]
+        return [int(_SLOT.unpack_from(self._map, _offset(i))[0]) for i in range(self.nthreads)]
 
     def close(self) -> None:
         self._map.close()

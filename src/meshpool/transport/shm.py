@@ -111,7 +111,9 @@ def _count(what: str, size: int) -> None:
         _counts[what] += size
 
 
-def _prefix(tag: str = "p") -> str:
+def file_prefix(tag: str = "p") -> str:
+    """Names of this process's files in SHM_DIR start so (uid, pid: the sweeps for dead
+    processes' files find them by it)."""
     return f"meshpool-{os.getuid()}-{os.getpid()}-{tag}-"
 
 
@@ -144,7 +146,7 @@ def export(buffer: Any, tag: str = "p") -> tuple[str, int] | None:
     size = view.nbytes
     if not has_room(size):
         return None
-    name = _prefix(tag) + uuid.uuid4().hex
+    name = file_prefix(tag) + uuid.uuid4().hex
     path = os.path.join(SHM_DIR, name)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -165,10 +167,7 @@ def attach(name: str, size: int) -> memoryview:
     """Map an exported file and unlink it; the mapping outlives the name."""
     _check_name(name)
     path = os.path.join(SHM_DIR, name)
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        raise SharedMemoryLost(f"shared-memory file {name} is gone") from None
+    fd = _open_existing(path, "file")
     try:
         if os.fstat(fd).st_size != size:
             raise SharedMemoryLost(f"shared-memory file {name} is not {size} bytes")
@@ -183,6 +182,14 @@ def attach(name: str, size: int) -> memoryview:
         _unlink(path)
     _count("received", size)
     return memoryview(mapping)
+
+
+def _open_existing(path: str, what: str) -> int:
+    """A read-write descriptor of a file a peer named; SharedMemoryLost if it is gone."""
+    try:
+        return os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise SharedMemoryLost(f"shared-memory {what} {os.path.basename(path)} is gone") from None
 
 
 def discard(name: str) -> None:
@@ -242,11 +249,7 @@ def attach_segment(name: str, size: int, generation: int) -> memoryview:
 
 
 def _map_segment(name: str) -> _Mapped:
-    path = os.path.join(SHM_DIR, name)
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        raise SharedMemoryLost(f"shared-memory segment {name} is gone") from None
+    fd = _open_existing(os.path.join(SHM_DIR, name), "segment")
     try:
         stat = os.fstat(fd)
         if stat.st_size <= HEADER:
@@ -346,7 +349,7 @@ def remove_orphans() -> int:
 
 def remove_own(tag: str | None = None) -> None:
     """Remove the files this process exported (with ``tag``, only those)."""
-    prefix = _prefix(tag) if tag is not None else _prefix("")[:-1]
+    prefix = file_prefix(tag) if tag is not None else file_prefix("")[:-1]
     for name in _names():
         if name.startswith(prefix):
             _unlink(os.path.join(SHM_DIR, name))
@@ -355,7 +358,7 @@ def remove_own(tag: str | None = None) -> None:
 def expire_own(max_age: float = EXPIRY) -> None:
     """Remove this process's files older than ``max_age``: their receiver never came. (Pool
     segments are their pool's to expire.)"""
-    prefix = _prefix("")[:-1]
+    prefix = file_prefix("")[:-1]
     cutoff = time.time() - max_age
     for name in _names():
         if not name.startswith(prefix) or POOL_MARK in name:

@@ -183,7 +183,7 @@ class SegmentPool:
         capacity = capacity_for(size)
         if not shm.has_room(shm.HEADER + capacity):
             return None
-        name = f"{shm._prefix(self.tag)}{shm.POOL_MARK[1:]}{uuid.uuid4().hex}"
+        name = f"{shm.file_prefix(self.tag)}{shm.POOL_MARK[1:]}{uuid.uuid4().hex}"
         path = os.path.join(shm.SHM_DIR, name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
