@@ -517,12 +517,16 @@ class ClientCore(Fetching):
             return
         handler(self, msg)
 
+    def _end_pending(self, key: Any) -> Future | None:
+        """The future of a task that ended, if pending; its kept arguments are not needed now."""
+        if self.kept:
+            self.kept.pop(("args", key), None)
+        return self.pending.pop(key, None)
+
     def _on_done(self, msg: m.TaskDone) -> None:
-        fut = self.pending.pop(msg.key, None)
+        fut = self._end_pending(msg.key)
         if fut is None:
             return
-        if self.kept:
-            self.kept.pop(("args", msg.key), None)
         self.stats["finished"] += 1
         if msg.has_value:
             fut.set_result(Packed(msg.frames))
@@ -531,22 +535,18 @@ class ClientCore(Fetching):
             self.remote_done[msg.key] = fut
 
     def _on_erred(self, msg: m.TaskErred) -> None:
-        fut = self.pending.pop(msg.key, None)
+        fut = self._end_pending(msg.key)
         if fut is None:
             return
-        if self.kept:
-            self.kept.pop(("args", msg.key), None)
         self.stats["finished"] += 1
         fut.set_exception(serialize.loads_exception(msg.frames))
 
     def _on_cancelled(self, msg: m.TasksCancelled) -> None:
         for key in msg.keys:
-            fut = self.pending.pop(key, None)
+            fut = self._end_pending(key)
             if fut is not None:
                 self.stats["finished"] += 1
                 fut._mark_cancelled()
-                if self.kept:
-                    self.kept.pop(("args", key), None)
 
     def _on_cancel_reply(self, msg: m.CancelReply) -> None:
         self._on_cancelled(m.TasksCancelled(msg.cancelled))
