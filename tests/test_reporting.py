@@ -8,9 +8,9 @@ was running when its worker died.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
+from helpers import wait_until
 from tasks import getpid, inc
 
 import meshpool
@@ -104,10 +104,7 @@ def test_the_marker_file_is_gone_once_the_worker_registered():
         ex.wait_for_workers(1, timeout=60)
         pid = ex.submit(getpid).result(timeout=30)
         # (the worker's control thread may read the scheduler's answer after a task ran)
-        deadline = time.monotonic() + 10
-        while _marker_files(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _marker_files(pid) == []
+        wait_until(lambda: not _marker_files(pid), 10, "the worker to unlink its run marker")
     assert _marker_files(pid) == []
 
 
