@@ -504,12 +504,13 @@ class Slot:
 
     def _report(self, compute: m.Compute, report: Any) -> None:
         """Send a task's report, or hold a ComputeDone while the next tiny task runs."""
-        if not self.queue:
-            self._drain()
         at_most_once = bool(compute.options and compute.options.get("at_most_once"))
-        done = type(report) is m.ComputeDone
-        if not (done and self.hold.keep(report, bool(self.queue), at_most_once)):
-            self._send(report)
+        if type(report) is m.ComputeDone and self.hold.possible(at_most_once):
+            if not self.queue:
+                self._drain()  # (only then worth a look: is the next task here already?)
+            if self.hold.keep(report, bool(self.queue)):
+                return
+        self._send(report)
 
     def _send(self, msg: Any = None) -> None:
         """Send ``msg`` (None: nothing new) after what the slot holds, in one message."""

@@ -46,9 +46,14 @@ class ResultHold:
     def note_duration(self, seconds: float) -> None:
         self._mean += 0.1 * (seconds - self._mean)
 
-    def keep(self, done: Any, next_queued: bool, at_most_once: bool) -> bool:
-        """Hold ``done`` back? (False: the caller sends it and everything held now.)"""
-        if not (self.enabled and next_queued and not at_most_once and self._mean < HOLD_BELOW):
+    def possible(self, at_most_once: bool) -> bool:
+        """Could a report of this task be held at all?"""
+        return self.enabled and not at_most_once and self._mean < HOLD_BELOW
+
+    def keep(self, done: Any, next_queued: bool) -> bool:
+        """Hold ``done`` back (``possible`` said it could be)? False: the caller sends it and
+        everything held now."""
+        if not next_queued:
             return False
         now = time.monotonic()
         if not self.held:
