@@ -202,5 +202,5 @@ def break_my_slot():
     outside any task (its result cannot be sent)."""
     from meshpool.worker import execution
 
-    execution._local.slot.sock.close(linger=0)
+    execution._local.slot.channel.close()
     return 1

@@ -129,7 +129,8 @@ class LocalWorkers:
         }
         if self.data_host is None:
             config["data_address"] = f"ipc://{self.directory}/w{self._generation}"
-            config["cleanup"] = [os.path.join(self.directory, "scheduler")]
+            scheduler = os.path.join(self.directory, "scheduler")
+            config["cleanup"] = [scheduler, scheduler + ".lane"]  # (lanes: transport/lanes.py)
             config["cleanup_dir"] = self.directory
         else:
             config["data_address"] = f"tcp://{self.data_host}:0"

@@ -40,7 +40,7 @@ from .. import messages as m
 from ..scheduler.model import shrunk
 from ..transport import serialize, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
-from ..transport.header import BATCH_DEPENDENCIES, MalformedMessage
+from ..transport.header import MalformedMessage
 from ..transport.security import Security
 from ..transport.shmpool import SegmentPool
 from ..transport.sockets import (
@@ -49,6 +49,7 @@ from ..transport.sockets import (
     private_directory,
     remove_directory,
 )
+from .commands import INLINE_COMMANDS, merge_runs
 from .fetching import FETCH_TIMEOUT, Fetching, FetchRequest
 from .future import Future, Packed, Remote
 
@@ -57,7 +58,6 @@ logger = logging.getLogger("meshpool.client")
 SCHEDULER_SILENCE = 10.0  # no word from a remote scheduler this long: it is lost
 POLL_MS = 100
 COMPACT_INTERVAL = 1.0  # seconds between checks for emptied-out tables
-MERGE_ROWS = 1000  # submits merged into one message at most (a header stays well under its cap)
 
 _live_cores: weakref.WeakSet = weakref.WeakSet()
 _exiting = False
@@ -84,6 +84,10 @@ class ClientCore(Fetching):
         self.timeout = timeout
         self.pid = os.getpid()
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._deferred: list = []  # commands an inline submit left for the I/O thread, in order
+        # held by whoever runs the client's state: the I/O thread each time it wakes, or a
+        # caller submitting to an idle local cluster (see command())
+        self._loop_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -229,14 +233,35 @@ class ClientCore(Fetching):
 
     def command(self, *item: Any) -> None:
         self.commands.put(item)
-        self.wake()
+        if item[0] != "submit" or not self._submit_inline():
+            self.wake()
+
+    def _submit_inline(self) -> bool:
+        """Idle, with the cluster embedded: run the queued submit on the caller's thread, from
+        the state machine to the lanes, instead of waking the I/O thread to do it. A round trip
+        is then one thread wake-up shorter (each costs tens of µs, more on a busy machine).
+        Busy (tasks pending), submits go to the I/O thread, which batches them. True if nothing
+        is left for the I/O thread to do."""
+        if self.server is None or self.pending or self.broken is not None or self.closing:
+            return False
+        if not self._loop_lock.acquire(blocking=False):
+            return False
+        try:
+            self.server.inline_begin()
+            try:
+                self._drain_commands(inline=True)
+            finally:
+                more = self.server.inline_end()
+            return not (more or self._deferred)
+        finally:
+            self._loop_lock.release()
 
     def release_soon(self, key: Any) -> None:
-        """Called by future finalizers (anywhere, any time): only enqueue."""
+        """Called by future finalizers (anywhere, any time): only enqueue. (No wake-up: the I/O
+        thread reads the queue each time it wakes, at least every POLL_MS.)"""
         if os.getpid() != self.pid or self.thread is None:
             return
         self.commands.put(("release", key))
-        self.wake()
 
     def request(self, msg_factory: Any, timeout: float | None) -> Any:
         """Send a request built by ``msg_factory(request_id)`` and wait for its reply value."""
@@ -299,43 +324,49 @@ class ClientCore(Fetching):
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
         if self.server is not None:
-            poller.register(self.server.router, zmq.POLLIN)
+            self.server.attach(poller)
         if self.dealer is not None:
             poller.register(self.dealer, zmq.POLLIN)
         self._poller = poller
         try:
             while True:
                 events = dict(poller.poll(POLL_MS))
-                if self._wake_r in events:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except (BlockingIOError, OSError):
-                        pass
-                    # only now: cleared before the read, a wake() in between would set it
-                    # again with its byte read here, and the next wake() would write nothing
-                    # (a command stuck until the poll timeout)
-                    self._wake_pending = False
-                self._hold()  # what the commands send goes out batched
-                try:
-                    self._drain_commands()
-                finally:
-                    self._release()
-                if self.server is not None and self.server.router in events:
-                    self.server.handle_router()
-                if self.dealer is not None and self.dealer in events:
-                    self._drain_dealer()
-                for sock in [s for s in self.data_socks.values() if s in events]:
-                    self._drain_data(sock)
-                now = time.monotonic()
-                self._on_tick(now)
-                if self._should_stop():
-                    break
+                with self._loop_lock:
+                    if self._iterate(events):
+                        break
         except Exception as exc:  # a bug in here must not hang callers
             logger.exception("meshpool I/O thread failed")
             self._break(errors.SchedulerLost(f"the executor's I/O thread failed: {exc!r}"))
         finally:
-            self._teardown()
+            with self._loop_lock:
+                self._teardown()
+
+    def _iterate(self, events: dict) -> bool:
+        """One turn of the I/O loop; True when it should stop."""
+        if self._wake_r in events:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+            # only now: cleared before the read, a wake() in between would set it
+            # again with its byte read here, and the next wake() would write nothing
+            # (a command stuck until the poll timeout)
+            self._wake_pending = False
+        self._hold()  # what the commands send goes out batched
+        try:
+            self._drain_commands()
+        finally:
+            self._release()
+        if self.server is not None and events:
+            self.server.handle_events(events)
+        if self.dealer is not None and self.dealer in events:
+            self._drain_dealer()
+        for sock in [s for s in self.data_socks.values() if s in events]:
+            self._drain_data(sock)
+        now = time.monotonic()
+        self._on_tick(now)
+        return self._should_stop()
 
     def _should_stop(self) -> bool:
         if not (self.closing or not self.executor_alive or _exiting or self.broken):
@@ -346,16 +377,23 @@ class ClientCore(Fetching):
             return False
         return not self.fetches
 
-    def _drain_commands(self) -> None:
+    def _drain_commands(self, inline: bool = False) -> None:
         """Run the queued commands in order, merging runs of submits and of releases into one
-        message each (a loop of ``submit()`` calls reaches the scheduler as one SubmitTasks)."""
-        items = []
+        message each (a loop of ``submit()`` calls reaches the scheduler as one SubmitTasks).
+        Inline (on a caller's thread), only up to the first that may touch a zmq socket: that
+        one and the rest wait, in order, for the I/O thread."""
+        items, self._deferred = self._deferred, []
         while True:
             try:
                 items.append(self.commands.get_nowait())
             except queue.Empty:
                 break
-        for item in _merge_runs(items):
+        if inline:
+            for i, item in enumerate(items):
+                if item[0] not in INLINE_COMMANDS:
+                    items, self._deferred = items[:i], items[i:]
+                    break
+        for item in merge_runs(items):
             try:
                 # interned: the type's method cache keeps a reference to every distinct name
                 # string looked up, so a fresh string per command pinned a pymalloc arena each
@@ -646,8 +684,8 @@ class ClientCore(Fetching):
         deadline = time.monotonic() + FETCH_TIMEOUT
         while not reply.done() and time.monotonic() < deadline:
             events = dict(self._poller.poll(POLL_MS))
-            if self.server is not None and self.server.router in events:
-                self.server.handle_router()
+            if self.server is not None and events:
+                self.server.handle_events(events)
             if self.dealer is not None and self.dealer in events:
                 self._drain_dealer()
             for sock in [s for s in self.data_socks.values() if s in events]:
@@ -691,41 +729,6 @@ class ClientCore(Fetching):
             except OSError:
                 pass
         _live_cores.discard(self)
-
-
-def _merge_runs(items: list) -> list:
-    """Commands in order, with each run of consecutive ``submit`` commands merged into one (up to
-    :data:`MERGE_ROWS` tasks or :data:`BATCH_DEPENDENCIES` dependency keys, so its header stays
-    under the cap; a single command may bring more), and each run of ``release`` commands into
-    one ``release-keys``."""
-    merged: list = []
-    deps = 0  # dependency keys in the submit being merged
-    for item in items:
-        kind = item[0]
-        last = merged[-1] if merged else None
-        if kind == "submit":
-            more = sum(len(row[1]) for row in item[1])
-            if (
-                last is not None
-                and last[0] == "submit"
-                and len(last[1]) < MERGE_ROWS
-                and deps + more < BATCH_DEPENDENCIES
-            ):
-                last[1].extend(item[1])
-                last[2].extend(item[2])
-                last[3].extend(item[3])
-                deps += more
-            else:
-                merged.append(["submit", list(item[1]), list(item[2]), list(item[3])])
-                deps = more
-        elif kind == "release":
-            if last is not None and last[0] == "release-keys":
-                last[1].append(item[1])
-            else:
-                merged.append(["release-keys", [item[1]]])
-        else:
-            merged.append(item)
-    return merged
 
 
 def _function_name(key: Any) -> str:

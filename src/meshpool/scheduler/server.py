@@ -36,7 +36,7 @@ from typing import Any
 import zmq
 
 from .. import messages as m
-from ..transport import runmarker, shm
+from ..transport import lanes, runmarker, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import MalformedMessage
 from ..transport.security import Security
@@ -66,7 +66,13 @@ class SchedulerServer:
         self._vanished_after = VANISHED_SILENCE * heartbeat_timeout()
         if security is not None and address.startswith("tcp://"):
             security.server(self.router)
+        # before the ipc socket: its file appearing tells local slots the lane is listening
+        self._listener = _listen_for_lanes(address)
         self.address = bind(self.router, address)
+        self._lanes: dict[str, lanes.Lane] = {}  # slot peer id -> its lane (transport/lanes.py)
+        self._lane_fds: dict[int, lanes.Lane] = {}  # every open lane, named or not yet
+        self._writing: set[int] = set()  # lanes watched for POLLOUT (their kernel buffer filled)
+        self._poller: zmq.Poller | None = None
         self.local_client = local_client
         self.deliver_local = deliver_local
         self._last_ping = 0.0
@@ -77,6 +83,7 @@ class SchedulerServer:
         self._early_slots: dict[str, list] = {}  # slot hellos that beat their worker's register
         self._holding = 0  # > 0 inside hold()/release(): messages to peers wait in _held
         self._held: dict[str, list] = {}
+        self._inline = False  # inside inline(): only lanes may be written (see there)
         self._hosts: dict[str, str] = {}  # worker id -> shared-memory host key (transport/shm.py)
         self._markers: dict[str, runmarker.MarkerReader] = {}  # worker id -> its run marker
         self._removed: dict[str, None] = {}  # the latest removed worker ids, oldest first
@@ -88,6 +95,10 @@ class SchedulerServer:
 
     def close(self) -> None:
         self.router.close(linger=0)
+        if self._listener is not None:
+            self._listener.close()
+        for lane in list(self._lane_fds.values()):
+            self._drop_lane(lane)
         for marker in self._markers.values():
             marker.close()
         self._markers.clear()
@@ -127,15 +138,32 @@ class SchedulerServer:
         if self.on_worker_removed is not None:
             self.on_worker_removed(worker_id, reason)
 
-    # --- socket ------------------------------------------------------------------------------
+    # --- sockets -----------------------------------------------------------------------------
 
-    def handle_router(self) -> None:
-        """Handle what has arrived (up to :data:`MAX_BATCH` messages), holding back what the
-        state machine sends meanwhile and sending it at the end, one message per peer: busy,
-        a slot gets its next tasks in one send; idle, a lone message goes out at once."""
+    def attach(self, poller: zmq.Poller) -> None:
+        """Register the ROUTER and the lane listener in the loop's ``poller`` (lanes register
+        themselves as they come); the loop then passes its events to :meth:`handle_events`."""
+        self._poller = poller
+        poller.register(self.router, zmq.POLLIN)
+        if self._listener is not None:
+            poller.register(self._listener.fd, zmq.POLLIN)
+
+    def handle_events(self, events: dict) -> None:
+        """Handle what has arrived (up to :data:`MAX_BATCH` messages from the ROUTER, and what
+        each ready lane holds), holding back what the state machine sends meanwhile and sending
+        it at the end, one message per peer: busy, a slot gets its next tasks in one send; idle,
+        a lone message goes out at once."""
         self.hold()
         try:
-            self._receive_batch(time.monotonic())
+            now = time.monotonic()
+            if self.router in events:
+                self._receive_batch(now)
+            if self._listener is not None and self._listener.fd in events:
+                self._accept_lanes()
+            for fd, flags in events.items():
+                lane = self._lane_fds.get(fd) if type(fd) is int else None
+                if lane is not None:
+                    self._on_lane_event(lane, flags, now)
         finally:
             self.release()
 
@@ -148,6 +176,25 @@ class SchedulerServer:
         if not self._holding:
             self._flush_held()
 
+    def inline_begin(self) -> None:
+        """From here to :meth:`inline_end`, this server runs on a thread other than its loop's
+        (a caller submitting to an idle local cluster, under the client's loop lock). Lanes are
+        plain sockets, so what goes to them is sent; what goes to zmq peers (whose sockets only
+        the loop's thread may touch) waits for the loop."""
+        self._inline = True
+        self.hold()
+
+    def inline_end(self) -> bool:
+        """Send what goes on lanes; True if the loop has something left to do."""
+        self._holding -= 1
+        try:
+            self._flush_held(lanes_only=True)
+        finally:
+            self._inline = False
+        return bool(self._held or self._writing) or any(
+            lane.closed for lane in self._lane_fds.values()
+        )
+
     def _receive_batch(self, now: float) -> None:
         for _ in range(MAX_BATCH):
             try:
@@ -156,30 +203,107 @@ class SchedulerServer:
                 return
             if len(frames) < 2:
                 continue
-            self.bytes_received += sum(len(f) for f in frames)
-            self.messages_received += 1
-            identity = frames[0]
             try:
-                peer = identity.decode()
-                msgs = m.decode_all(frames[1:])
-            except (MalformedMessage, UnicodeDecodeError) as exc:
+                peer = frames[0].decode()
+            except UnicodeDecodeError as exc:
                 logger.warning("dropping malformed message: %s", exc)
                 continue
-            # any traffic is a sign of life; a slot's ("worker-id/n") counts for its worker, as
-            # slots only speak when they finish tasks (they would look "unresponsive" otherwise)
-            self._last_seen[peer.partition("/")[0]] = now
-            for msg in msgs:
-                try:
-                    self._dispatch(peer, msg)
-                except Exception:
-                    logger.exception("error handling %s from %s; dropped", type(msg).__name__, peer)
+            self._handle_frames(peer, frames[1:], now)
 
-    def _flush_held(self) -> None:
-        while self._held:
+    def _handle_frames(self, peer: str, frames: list, now: float) -> None:
+        self.bytes_received += sum(len(f) for f in frames)
+        self.messages_received += 1
+        try:
+            msgs = m.decode_all(frames)
+        except MalformedMessage as exc:
+            logger.warning("dropping malformed message: %s", exc)
+            return
+        # any traffic is a sign of life; a slot's ("worker-id/n") counts for its worker, as
+        # slots only speak when they finish tasks (they would look "unresponsive" otherwise)
+        self._last_seen[peer.partition("/")[0]] = now
+        for msg in msgs:
+            try:
+                self._dispatch(peer, msg)
+            except Exception:
+                logger.exception("error handling %s from %s; dropped", type(msg).__name__, peer)
+
+    # --- lanes (transport/lanes.py) -----------------------------------------------------------
+
+    def _accept_lanes(self) -> None:
+        assert self._listener is not None and self._poller is not None
+        for lane in self._listener.accept():
+            self._lane_fds[lane.fd] = lane
+            self._poller.register(lane.fd, zmq.POLLIN)
+
+    def _on_lane_event(self, lane: lanes.Lane, flags: int, now: float) -> None:
+        if flags & zmq.POLLOUT:
+            self._flush_lane(lane)
+        if not flags & (zmq.POLLIN | zmq.POLLERR):
+            return
+        try:
+            received = lane.receive()
+        except (lanes.LaneClosed, MalformedMessage, OSError) as exc:
+            if not isinstance(exc, lanes.LaneClosed):
+                logger.warning("closing the lane of %s: %s", lane.peer or "a new peer", exc)
+            self._drop_lane(lane)
+            return
+        for frames in received:
+            if lane.peer:
+                self._handle_frames(lane.peer, frames, now)
+            elif not self._name_lane(lane, frames):
+                self._drop_lane(lane)
+                return
+
+    def _name_lane(self, lane: lanes.Lane, frames: list) -> bool:
+        """A lane's first message names its slot (``worker-id/n``)."""
+        peer = frames[1].decode(errors="replace") if len(frames) == 2 else ""
+        if frames[0] != lanes.HELLO or "/" not in peer or "~" in peer:
+            logger.warning("closing a lane that did not introduce itself as a slot")
+            return False
+        stale = self._lanes.get(peer)
+        if stale is not None:
+            self._drop_lane(stale)
+        lane.peer = peer
+        self._lanes[peer] = lane
+        return True
+
+    def _flush_lane(self, lane: lanes.Lane) -> None:
+        try:
+            lane.flush()
+        except lanes.LaneClosed:
+            pass  # (the read that follows, or the next send, finds it closed)
+        watching = lane.fd in self._writing
+        if lane.wants_write != watching and self._poller is not None and not lane.closed:
+            flags = zmq.POLLIN | (zmq.POLLOUT if lane.wants_write else 0)
+            self._poller.modify(lane.fd, flags)
+            self._writing.symmetric_difference_update({lane.fd})
+
+    def _drop_lane(self, lane: lanes.Lane) -> None:
+        """Forget a lane: what its peer is sent next goes to the ROUTER, which fails for a
+        peer it never knew (ROUTER_MANDATORY) and so reports the peer gone, as for zmq. (Off
+        the loop's thread, it is only marked closed: the loop drops it, as its poller is the
+        loop's.)"""
+        if self._lanes.get(lane.peer) is lane:
+            del self._lanes[lane.peer]
+        lane.closed = True
+        if self._inline:
+            return
+        if self._lane_fds.pop(lane.fd, None) is not None and self._poller is not None:
+            self._poller.unregister(lane.fd)
+        self._writing.discard(lane.fd)
+        lane.close()
+
+    def _flush_held(self, lanes_only: bool = False) -> None:
+        while True:
             # emptied, not replaced: a new dict per flush, the last one living on, kept one of
             # a released burst's pymalloc arenas in use
-            held = list(self._held.items())
-            self._held.clear()
+            held = [
+                (p, msgs) for p, msgs in self._held.items() if not lanes_only or p in self._lanes
+            ]
+            if not held:
+                return
+            for peer, _ in held:
+                del self._held[peer]
             for peer, msgs in held:
                 self._send_encoded(peer, m.encode_many(msgs))
 
@@ -314,14 +438,25 @@ class SchedulerServer:
                 self._send(peer, msg)
 
     def _send(self, peer: str, msg: Any) -> bool:
-        if self._holding:  # keep the order of what a peer is sent
+        if self._holding or self._inline or peer in self._held:  # (keeps a peer's order)
             self._held.setdefault(peer, []).append(msg)
             return True
         return self._send_encoded(peer, m.encode(msg))
 
     def _send_encoded(self, peer: str, frames: list) -> bool:
+        lane = self._lanes.get(peer)
         try:
-            send_frames(self.router, [peer.encode(), *frames])
+            if lane is not None:
+                lane.send(frames)
+                if lane.wants_write:
+                    self._flush_lane(lane)  # (starts watching for POLLOUT)
+            else:
+                send_frames(self.router, [peer.encode(), *frames])
+        except (lanes.LaneClosed, OSError) as exc:  # (OSError: not from zmq, a lane's)
+            assert lane is not None
+            self._drop_lane(lane)
+            self._peer_gone(peer, str(exc))
+            return False
         except zmq.ZMQError as exc:
             self._peer_gone(peer, exc.strerror)
             return False
@@ -359,6 +494,8 @@ class SchedulerServer:
             return
         self._last_ping = now
         self.state.compact()
+        for lane in [lane for lane in self._lane_fds.values() if lane.closed]:
+            self._drop_lane(lane)  # (closed by an inline send: see inline_begin)
         for peer in [p for p in self._kind if "/" not in p]:
             if peer in self._kind:
                 self._send(peer, m.Reply(-1, "ping"))
@@ -388,11 +525,12 @@ def serve_forever(
     if ready is not None:
         ready(server.address)
     poller = zmq.Poller()
-    poller.register(server.router, zmq.POLLIN)
+    server.attach(poller)
     try:
         while not stop.is_set():
-            if poller.poll(100):
-                server.handle_router()
+            events = dict(poller.poll(100))
+            if events:
+                server.handle_events(events)
             server.on_tick(time.monotonic())
     finally:
         for peer, kind in list(server._kind.items()):
@@ -403,3 +541,15 @@ def serve_forever(
             else:
                 server._send(peer, m.ClusterBroken("scheduler", "the scheduler stopped"))
         server.close()
+
+
+def _listen_for_lanes(address: str) -> lanes.LaneListener | None:
+    """A listener for the lanes of local slots, beside an ``ipc://`` address."""
+    path = lanes.lane_path(address)
+    if path is None or not lanes.enabled():
+        return None
+    try:
+        return lanes.LaneListener(path)
+    except OSError as exc:
+        logger.warning("no lanes for local workers (%s); they use zmq", exc)
+        return None

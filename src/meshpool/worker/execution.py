@@ -69,8 +69,8 @@ from typing import Any
 import zmq
 
 from .. import messages as m
-from ..transport import serialize, shm
-from ..transport.frames import NOBLOCK, recv_frames, send_frames
+from ..transport import lanes, serialize, shm
+from ..transport.frames import send_frames
 from ..transport.header import MalformedMessage
 from ..transport.runmarker import RunMarker
 from ..transport.security import Security
@@ -388,10 +388,8 @@ class Slot:
         self.queue: collections.deque = collections.deque()
         self.current: Any = None  # the key the owner runs (heartbeats count these)
         self.running = True
-        self.sock = control_socket(zmq.DEALER, identity=f"{worker_id}/{index}".encode())
-        if security is not None:
-            security.client(self.sock, scheduler_address)
-        self.sock.connect(scheduler_address)
+        self.scheduler_address = scheduler_address
+        self.channel: lanes.SlotChannel = lanes.Unconnected()  # (the first owner connects)
         self._spares = _SpareSockets(f"{worker_id}/{index}", scheduler_address, security)
         self._peers: dict[str, zmq.Socket] = {}
         self._request_id = 0
@@ -439,6 +437,9 @@ class Slot:
             _local.slot = self
         try:
             if hello:
+                self.channel = lanes.slot_channel(
+                    f"{self.worker_id}/{self.index}", self.scheduler_address, self.security
+                )
                 self._send(m.SlotHello(self.worker_id, self.index))
             while self.running and self._owned():
                 self._step(POLL_MS)
@@ -457,13 +458,14 @@ class Slot:
         if self.hold.held:
             with contextlib.suppress(zmq.ZMQError):
                 self._send()
-        for sock in [self.sock, *self._peers.values()]:
+        self.channel.close()
+        for sock in self._peers.values():
             sock.close(linger=0)
         self._spares.close()
 
     def _step(self, poll_ms: int) -> None:
         """Owner: read what the scheduler sent, then run the next task (if any)."""
-        if not self.queue and not self.sock.poll(poll_ms):
+        if not self.queue and not self.channel.poll(poll_ms):
             return
         self._drain()
         if self.queue:
@@ -514,18 +516,23 @@ class Slot:
 
     def _send(self, msg: Any = None) -> None:
         """Send ``msg`` (None: nothing new) after what the slot holds, in one message."""
-        if self.hold.held:
-            send_frames(self.sock, m.encode_many(self.hold.take(msg)))
-        elif msg is not None:
-            send_frames(self.sock, m.encode(msg))
+        frames = m.encode_many(self.hold.take(msg)) if self.hold.held else None
+        if msg is not None and frames is None:
+            frames = m.encode(msg)
+        if frames is not None:
+            try:
+                self.channel.send(frames)
+            except lanes.LaneClosed:  # the scheduler is gone: the worker learns it and leaves
+                logger.debug("slot %d: scheduler lane closed; report dropped", self.index)
 
     def _drain(self) -> None:
         """Read everything waiting: queue computes, run initializers."""
-        while True:
-            try:
-                frames = recv_frames(self.sock, NOBLOCK)
-            except zmq.Again:
-                return
+        try:
+            received = self.channel.receive()
+        except (lanes.LaneClosed, MalformedMessage) as exc:
+            logger.debug("slot %d: scheduler lane closed (%s)", self.index, exc)
+            return
+        for frames in received:
             try:
                 msgs = m.decode_all(frames)
             except MalformedMessage as exc:
@@ -594,7 +601,7 @@ class Slot:
         for fut in futures:
             fut.add_done_callback(self._wake)
         poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.channel.pollable, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         while not _satisfied(futures, return_when) and self.running:
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -613,8 +620,10 @@ class Slot:
             events = dict(poller.poll(wait_ms))
             if self._wake_r in events:
                 _drain_pipe(self._wake_r)
-            if self.sock in events:
+            if self.channel.pollable in events:
                 self._drain()
+                if self.channel.closed:  # (the scheduler is gone: its end of file stays readable)
+                    poller.unregister(self.channel.pollable)
 
     def _defer(self, task: _Running, grace_until: float) -> bool:
         """Whether the next queued task should wait for ``task`` to resume (HELP_GRACE)."""
