@@ -85,6 +85,7 @@ class ClientCore(Fetching):
         self.pid = os.getpid()
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self._deferred: list = []  # commands an inline submit left for the I/O thread, in order
+        self._results: list | None = None  # (future, result) to complete at the end of a turn
         # held by whoever runs the client's state: the I/O thread each time it wakes, or a
         # caller submitting to an idle local cluster (see command())
         self._loop_lock = threading.Lock()
@@ -342,7 +343,18 @@ class ClientCore(Fetching):
                 self._teardown()
 
     def _iterate(self, events: dict) -> bool:
-        """One turn of the I/O loop; True when it should stop."""
+        """One turn of the I/O loop; True when it should stop. Small results complete their
+        futures last, just before the loop sleeps: a caller woken earlier would find the GIL
+        still held and sleep again until it is free, a second wake-up on the round trip."""
+        self._results = []
+        try:
+            return self._turn(events)
+        finally:
+            results, self._results = self._results, None
+            for fut, value in results:
+                fut.set_result(value)
+
+    def _turn(self, events: dict) -> bool:
         if self._wake_r in events:
             try:
                 while os.read(self._wake_r, 4096):
@@ -567,7 +579,10 @@ class ClientCore(Fetching):
             return
         self.stats["finished"] += 1
         if msg.has_value:
-            fut.set_result(Packed(msg.frames))
+            if self._results is not None:
+                self._results.append((fut, Packed(msg.frames)))
+            else:
+                fut.set_result(Packed(msg.frames))
         else:
             fut.set_result(Remote(msg.nbytes))
             self.remote_done[msg.key] = fut
