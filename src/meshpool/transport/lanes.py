@@ -89,6 +89,7 @@ class Lane:
         self.closed = False  # the other end went (end of file, broken pipe), or was dropped
         self._blocking_send = blocking_send
         self._inbox = bytearray()
+        self._chunk = memoryview(bytearray(READ_BYTES))  # (recv() would allocate this per call)
         self._outbox: list[memoryview] = []  # what the kernel has not taken yet
         self._poll = select.poll()
         self._poll.register(self.fd, select.POLLIN)
@@ -159,19 +160,20 @@ class Lane:
             raise LaneClosed(f"lane to {self.peer or 'the scheduler'} is closed")
         inbox = self._inbox
         ended = False
+        chunk = self._chunk
         while True:
             try:
-                chunk = self.sock.recv(READ_BYTES)
+                size = self.sock.recv_into(chunk)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionResetError:
                 ended = True
                 break
-            if not chunk:
+            if not size:
                 ended = True
                 break
-            inbox += chunk
-            if len(chunk) < READ_BYTES:
+            inbox += chunk[:size]
+            if size < READ_BYTES:
                 break
         try:
             messages = _split(inbox)
@@ -202,8 +204,9 @@ def _advance(buffers: list, written: int) -> list:
 
 
 def _split(inbox: bytearray) -> list[list[bytes]]:
-    """Take the whole messages off the front of ``inbox``."""
-    messages = []
+    """Take the whole messages off the front of ``inbox`` (copied out once they are whole:
+    a big message arriving in pieces is not copied per piece)."""
+    layouts = []  # (offset of the first frame, frame sizes) per whole message
     start = 0
     end = len(inbox)
     while end - start >= 4:
@@ -218,15 +221,19 @@ def _split(inbox: bytearray) -> list[list[bytes]]:
             raise MalformedMessage(f"lane frame of {max(sizes)} bytes (cap {MAX_FRAME_BYTES})")
         if end - start < head + sum(sizes):
             break
-        position = start + head
+        layouts.append((start + head, sizes))
+        start += head + sum(sizes)
+    if not layouts:
+        return []
+    data = bytes(inbox[:start]) if start < end else bytes(inbox)
+    del inbox[:start]
+    messages = []
+    for position, sizes in layouts:
         frames = []
         for size in sizes:
-            frames.append(bytes(inbox[position : position + size]))
+            frames.append(data[position : position + size])
             position += size
         messages.append(frames)
-        start = position
-    if start:
-        del inbox[:start]
     return messages
 
 
