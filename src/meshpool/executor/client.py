@@ -44,12 +44,11 @@ from ..transport.header import MalformedMessage
 from ..transport.security import Security
 from ..transport.shmpool import SegmentPool
 from ..transport.sockets import (
-    enable_heartbeats,
-    make_socket,
     private_directory,
     remove_directory,
 )
 from .commands import INLINE_COMMANDS, merge_runs
+from .connecting import connect_to_scheduler
 from .fetching import FETCH_TIMEOUT, Fetching, FetchRequest
 from .future import Future, Packed, Remote
 
@@ -183,44 +182,7 @@ class ClientCore(Fetching):
             self._spawn_error = exc
 
     def _connect(self, address: str) -> None:
-        """Connect to a remote scheduler and handshake within ``timeout`` seconds."""
-        dealer = make_socket(zmq.DEALER, identity=self.client_id.encode())
-        enable_heartbeats(dealer)  # a vanished scheduler's connection is closed (sockets.py)
-        if self.security is not None:
-            self.security.client(dealer, address)
-        monitor = dealer.get_monitor_socket(_HANDSHAKE_EVENTS)
-        try:
-            dealer.connect(address)
-            dealer.send_multipart(m.encode(m.HelloClient(self.client_id, m.versions())))
-            refused = _await_reply(dealer, monitor, self.timeout)
-        finally:
-            dealer.disable_monitor()
-            monitor.close(linger=0)
-        if refused is not None or not dealer.poll(0):
-            dealer.close(linger=0)
-            if refused is not None:
-                raise errors.SecurityError(
-                    f"the scheduler at {address} refused the connection ({refused}): "
-                    + (
-                        "our credentials are not the cluster's"
-                        if self.security is not None
-                        else "it requires credentials, and none were found for this address "
-                        "(pass security=DIR or set MESHPOOL_SECURITY)"
-                    )
-                )
-            hint = (
-                "is it running, and do we hold the cluster's credentials?"
-                if self.security is not None
-                else "is it running? (a secured scheduler needs security=...)"
-            )
-            raise errors.CommError(
-                f"no answer from the scheduler at {address} within {self.timeout:g} s: {hint}"
-            )
-        msg = m.decode(dealer.recv_multipart())
-        if isinstance(msg, m.ClusterBroken):
-            dealer.close(linger=0)
-            raise errors.VersionMismatch(msg.reason)
-        self.dealer = dealer
+        self.dealer = connect_to_scheduler(self.client_id, address, self.security, self.timeout)
 
     # --- called from any thread --------------------------------------------------------------
 
@@ -405,6 +367,14 @@ class ClientCore(Fetching):
                 if item[0] not in INLINE_COMMANDS:
                     items, self._deferred = items[:i], items[i:]
                     break
+            # the submits first, on their way before the releases (of futures dropped, which
+            # no later submit can need): the slot gets its task alone, sooner
+            self._run_commands([item for item in items if item[0] == "submit"])
+            self.server.flush_lanes()
+            items = [item for item in items if item[0] != "submit"]
+        self._run_commands(items)
+
+    def _run_commands(self, items: list) -> None:
         for item in merge_runs(items):
             try:
                 # interned: the type's method cache keeps a reference to every distinct name
@@ -752,46 +722,6 @@ def _function_name(key: Any) -> str:
         return str(key[1])
     text = str(key)
     return text.rsplit("-", 2)[0] if text.count("-") >= 2 else text
-
-
-_HANDSHAKE_EVENTS = (
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-    | zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_DISCONNECTED
-)
-
-
-def _await_reply(dealer: zmq.Socket, monitor: zmq.Socket, timeout: float) -> str | None:
-    """Wait for the scheduler's first answer; the reason if the handshake was refused."""
-    from zmq.utils.monitor import recv_monitor_message
-
-    poller = zmq.Poller()
-    poller.register(dealer, zmq.POLLIN)
-    poller.register(monitor, zmq.POLLIN)
-    deadline = time.monotonic() + timeout
-    handshake_ok = False
-    early_drops = 0  # dropped before any handshake succeeded: a mechanism mismatch, usually
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        events = dict(poller.poll(int(remaining * 1000) + 1))
-        if dealer in events:
-            return None
-        if monitor in events:
-            event = recv_monitor_message(monitor)["event"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                handshake_ok = True
-            elif event == zmq.EVENT_DISCONNECTED:
-                early_drops += 0 if handshake_ok else 1
-                if early_drops >= 3:
-                    return "security handshake failed"
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                return "authentication failed"
-            else:
-                return "security handshake failed"
 
 
 def _python_exit() -> None:
