@@ -141,6 +141,7 @@ class SchedulerState(Retirement):
         self._retired: set[str] = set()  # told to close after retiring (no longer schedulable)
         self._out: Outgoing = []
         self._frees: dict[str, m.FreeKeys] = {}  # this step's FreeKeys message per worker
+        self._frees_told_control: set[str] = set()  # workers whose control thread got it too
         # kept data to resend once a worker joins (and the worker it was lost with)
         self._homeless: dict[Any, tuple[TaskState, WorkerState | None]] = {}
         self._client_handlers: dict[type, Callable[[str, Any], None]] = {
@@ -450,7 +451,7 @@ class SchedulerState(Retirement):
             if ts is not None and ts.state == MEMORY:
                 self._add_replica(ts, ws, msg.nbytes)
             else:
-                self._free(ws, msg.key)
+                self._free(ws, msg.key, msg.nbytes)
             return
         self._mean_duration += DURATION_WEIGHT * (msg.duration - self._mean_duration)
         slot = ts.slot
@@ -511,13 +512,13 @@ class SchedulerState(Retirement):
             ws.arriving.pop(key, None)
             ts = self.tasks.get(key)
             if ts is None:  # released before it landed
-                self._free(ws, key)
+                self._free(ws, key, nbytes)
                 continue
             if ts.state == MEMORY:
                 self._add_replica(ts, ws, nbytes)
                 continue
             if ts.state != WAITING or ts.spec is not None:
-                self._free(ws, key)
+                self._free(ws, key, nbytes)
                 continue
             ts.state = MEMORY
             ts.nbytes = nbytes

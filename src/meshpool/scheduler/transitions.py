@@ -32,6 +32,8 @@ from .model import (
 
 logger = logging.getLogger("meshpool.scheduler")
 
+FREE_LATER_BYTES = 1024 * 1024  # keys up to this size may wait for their slot's task to end
+
 
 class Transitions:
     """The state-changing rules every handler shares (see ``state.py`` for the whole)."""
@@ -50,6 +52,7 @@ class Transitions:
     _retired: set[str]
     _out: Outgoing
     _frees: dict[str, m.FreeKeys]
+    _frees_told_control: set[str]
     _homeless: dict[Any, tuple[TaskState, WorkerState | None]]
 
     # defined further up the chain (recalls.py, placement.py, state.py)
@@ -286,7 +289,7 @@ class Transitions:
         del self.tasks[ts.key]
         for ws in list(ts.who_has):
             self._unhold(ts, ws)
-            self._free(ws, ts.key)
+            self._free(ws, ts.key, ts.nbytes)
         for dts in ts.dependencies:
             dts.dependents = _without(dts.dependents, ts)
             self._discard_waiter(dts, ts)
@@ -309,27 +312,38 @@ class Transitions:
     def _send(self, peer: str, msg: Any) -> None:
         self._out.append((peer, msg))
 
-    def _free(self, ws: WorkerState, key: Any) -> None:
-        """Tell ``ws`` to drop ``key``: one FreeKeys per worker per step, sent to a slot.
+    def _free(self, ws: WorkerState, key: Any, nbytes: int = -1) -> None:
+        """Tell ``ws`` to drop ``key`` (``nbytes`` big, -1 unknown): one FreeKeys per worker per
+        step, sent to a slot.
 
         A slot reads its messages in order before it starts a task, so the keys are gone before
         the slot makes anything new, however late the worker's control thread gets to run (under
         load it lagged the slots by up to 0.2 s, while they made ten more 10 MB results). When
-        that slot has work in hand, the control connection is told too (freeing twice is
-        harmless), so the memory does not wait for a long task to end.
+        that slot has work in hand and a key is not small, the control connection is told too
+        (freeing twice is harmless), so the memory does not wait for a long task to end. (Small
+        keys wait: telling the control thread costs a wake-up in both processes.)
         """
         msg = self._frees.get(ws.id)
-        if msg is not None:
+        if msg is None:
+            msg = self._frees[ws.id] = m.FreeKeys([key])
+            slot = min(ws.ready_slots, key=lambda i: len(ws.slots[i]), default=-1)
+            if slot >= 0:
+                self._send(f"{ws.id}/{slot}", msg)
+            if slot >= 0 and not ws.slots[slot]:
+                return  # (an idle slot frees it at once)
+        else:
             msg.keys.append(key)
-            return
-        msg = self._frees[ws.id] = m.FreeKeys([key])
-        slot = min(ws.ready_slots, key=lambda i: len(ws.slots[i]), default=-1)
-        if slot >= 0:
-            self._send(f"{ws.id}/{slot}", msg)
-        if slot < 0 or ws.slots[slot]:
+            if ws.id in self._frees_told_control:
+                return
+            slot = min(ws.ready_slots, key=lambda i: len(ws.slots[i]), default=-1)
+            if slot >= 0 and not ws.slots[slot]:
+                return
+        if slot < 0 or not 0 <= nbytes <= FREE_LATER_BYTES:
+            self._frees_told_control.add(ws.id)
             self._send(ws.id, msg)
 
     def _flush(self) -> Outgoing:
         out, self._out = self._out, []
         self._frees.clear()
+        self._frees_told_control.clear()
         return out
