@@ -332,15 +332,18 @@ class ClientCore(Fetching):
             self._drain_commands()
         finally:
             self._release()
+        self._handle_sockets(events)
+        now = time.monotonic()
+        self._on_tick(now)
+        return self._should_stop()
+
+    def _handle_sockets(self, events: dict) -> None:
         if self.server is not None and events:
             self.server.handle_events(events)
         if self.dealer is not None and self.dealer in events:
             self._drain_dealer()
         for sock in [s for s in self.data_socks.values() if s in events]:
             self._drain_data(sock)
-        now = time.monotonic()
-        self._on_tick(now)
-        return self._should_stop()
 
     def _should_stop(self) -> bool:
         if not (self.closing or not self.executor_alive or _exiting or self.broken):
@@ -668,13 +671,7 @@ class ClientCore(Fetching):
         self._ask_who_has(fetch_id)
         deadline = time.monotonic() + FETCH_TIMEOUT
         while not reply.done() and time.monotonic() < deadline:
-            events = dict(self._poller.poll(POLL_MS))
-            if self.server is not None and events:
-                self.server.handle_events(events)
-            if self.dealer is not None and self.dealer in events:
-                self._drain_dealer()
-            for sock in [s for s in self.data_socks.values() if s in events]:
-                self._drain_data(sock)
+            self._handle_sockets(dict(self._poller.poll(POLL_MS)))
         if reply.done() and reply.exception() is None:
             frames_by_key = reply.result()
             for key, fut in live:
