@@ -370,11 +370,8 @@ class ClientCore(Fetching):
                 if item[0] not in INLINE_COMMANDS:
                     items, self._deferred = items[:i], items[i:]
                     break
-            # the submits first, on their way before the releases (of futures dropped, which
-            # no later submit can need): the slot gets its task alone, sooner
-            self._run_commands([item for item in items if item[0] == "submit"])
-            self.server.flush_lanes()
-            items = [item for item in items if item[0] != "submit"]
+        # (in order, sent at the end: work after a lane write delays the woken slot, measured
+        # here, so the write is the last thing the caller does before it waits)
         self._run_commands(items)
 
     def _run_commands(self, items: list) -> None:
