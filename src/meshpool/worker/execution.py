@@ -70,12 +70,12 @@ import zmq
 
 from .. import messages as m
 from ..transport import lanes, serialize, shm
-from ..transport.frames import send_frames
 from ..transport.header import MalformedMessage
 from ..transport.runmarker import RunMarker
 from ..transport.security import Security
-from ..transport.sockets import connect_to_data, control_socket
+from ..transport.sockets import connect_to_data
 from .reporting import ResultHold
+from .spares import SpareSockets
 from .store import DataStore
 
 logger = logging.getLogger("meshpool.worker")
@@ -261,44 +261,6 @@ class _Running:
         self.handle: Any = None  # what current_executor() returns in this task (nested.py)
 
 
-class _SpareSockets:
-    """DEALERs ``worker-id/slot~n`` on which threads that gave their slot away send results.
-
-    The scheduler reads the slot index before ``~``, so a result counts as coming from its slot.
-    Sockets are reused (a connection per result would cost a handshake each); each is used by
-    one thread at a time, taken and returned under the lock (the memory barrier zmq needs).
-    """
-
-    def __init__(self, identity: str, address: str, security: Security | None) -> None:
-        self._identity = identity
-        self._address = address
-        self._security = security
-        self._lock = threading.Lock()
-        self._idle: list[zmq.Socket] = []
-        self._numbers = itertools.count(1)
-
-    def send(self, frames: list) -> None:
-        with self._lock:
-            sock = self._idle.pop() if self._idle else None
-            number = next(self._numbers) if sock is None else 0
-        if sock is None:
-            sock = control_socket(zmq.DEALER, identity=f"{self._identity}~{number}".encode())
-            if self._security is not None:
-                self._security.client(sock, self._address)
-            sock.connect(self._address)
-        try:
-            send_frames(sock, frames)
-        finally:
-            with self._lock:
-                self._idle.append(sock)
-
-    def close(self) -> None:
-        with self._lock:
-            for sock in self._idle:
-                sock.close(linger=0)
-            self._idle.clear()
-
-
 def _owner_thread(slot: Slot, hello: bool) -> None:
     """A slot thread's life: own a slot; once it gave it away and its task ended, park until a
     slot needs a new owner (or exit)."""
@@ -378,6 +340,7 @@ class Slot:
         self.marker = marker
         self.hold = ResultHold()  # finished tasks' reports held back (worker/reporting.py)
         self._popped = 0  # Computes taken off the queue: the number of the one starting
+        self._busy = False  # the running task had others queued behind it when it started
         self.replacements = replacements if replacements is not None else Replacements()
         self.index = index
         self.worker_id = worker_id
@@ -390,7 +353,7 @@ class Slot:
         self.running = True
         self.scheduler_address = scheduler_address
         self.channel: lanes.SlotChannel = lanes.Unconnected()  # (the first owner connects)
-        self._spares = _SpareSockets(f"{worker_id}/{index}", scheduler_address, security)
+        self._spares = SpareSockets(f"{worker_id}/{index}", scheduler_address, security)
         self._peers: dict[str, zmq.Socket] = {}
         self._request_id = 0
         self._owner: threading.Thread | None = None
@@ -474,6 +437,7 @@ class Slot:
             self._send()
 
     def _run_task(self, compute: m.Compute) -> None:
+        self._busy = bool(self.queue)  # more work was here: a burst, whose reports may be held
         self._popped += 1
         seq = self._popped
         if not self.recalls.start(compute.key, self.index):
@@ -508,8 +472,10 @@ class Slot:
         """Send a task's report, or hold a ComputeDone while the next tiny task runs."""
         at_most_once = bool(compute.options and compute.options.get("at_most_once"))
         if type(report) is m.ComputeDone and self.hold.possible(at_most_once):
-            if not self.queue:
-                self._drain()  # (only then worth a look: is the next task here already?)
+            if not self.queue and self._busy:
+                # (a look for the next task only in a burst: one caller waiting on each result
+                # gets it sooner without, as nothing is ever queued then)
+                self._drain()
             if self.hold.keep(report, bool(self.queue)):
                 return
         self._send(report)
