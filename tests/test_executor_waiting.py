@@ -419,3 +419,17 @@ def test_finished_futures_are_not_running(ex):
     done = ex.submit(abs, -2)
     assert done.result(timeout=30) == 2
     assert not done.running()
+
+
+def test_a_callback_added_to_a_finished_future_runs_at_once_without_a_condition(ex):
+    """(as_completed adds one per future: a future already finished used to get a Condition
+    through the stdlib's add_done_callback)"""
+    fut = ex.submit(tasks.inc, 1)
+    done, _ = meshpool.wait([fut], timeout=LIVENESS)
+    assert done == {fut}
+    seen: list = []
+    fut.add_done_callback(seen.append)
+    assert seen == [fut]
+    assert fut._cond is None
+    assert [f.result() for f in meshpool.as_completed([fut])] == [2]
+    assert fut._cond is None

@@ -178,12 +178,23 @@ class Future(_base.Future):
         return True
 
     def add_done_callback(self, fn: Callable[[_base.Future], object]) -> None:
-        """The stdlib's, without making a Condition for a pending future."""
+        """The stdlib's, without making a Condition (for a pending future, or a done one: it
+        calls ``fn`` at once, as the stdlib does)."""
         with _creation_lock:
-            if self._cond is None and self._state not in _DONE_STATES:
-                self._done_callbacks.append(fn)
-                return
-        super().add_done_callback(fn)
+            if self._cond is not None:
+                finished = None
+            else:
+                finished = self._state in _DONE_STATES
+                if not finished:
+                    self._done_callbacks.append(fn)
+                    return
+        if finished is None:
+            super().add_done_callback(fn)
+            return
+        try:
+            fn(self)
+        except Exception:
+            _base.LOGGER.exception("exception calling callback for %r", self)
 
     def __repr__(self) -> str:
         return f"<meshpool.Future {self.key!r} {self._state.lower()}>"
