@@ -184,15 +184,11 @@ class SchedulerServer:
         self._inline = True
         self.hold()
 
-    def flush_lanes(self) -> None:
-        """Inline: send what is held for lanes now."""
-        self._flush_held(lanes_only=True)
-
     def inline_end(self) -> bool:
         """Send what goes on lanes; True if the loop has something left to do."""
         self._holding -= 1
         try:
-            self.flush_lanes()
+            self._flush_held(lanes_only=True)
         finally:
             self._inline = False
         return bool(self._held or self._writing) or any(
