@@ -56,6 +56,7 @@ logger = logging.getLogger("meshpool.client")
 
 SCHEDULER_SILENCE = 10.0  # no word from a remote scheduler this long: it is lost
 POLL_MS = 100
+RELEASES_BEFORE_WAKE = 256  # queued commands at which a release wakes the I/O thread
 COMPACT_INTERVAL = 1.0  # seconds between checks for emptied-out tables
 
 _live_cores: weakref.WeakSet = weakref.WeakSet()
@@ -220,11 +221,15 @@ class ClientCore(Fetching):
             self._loop_lock.release()
 
     def release_soon(self, key: Any) -> None:
-        """Called by future finalizers (anywhere, any time): only enqueue. (No wake-up: the I/O
-        thread reads the queue each time it wakes, at least every POLL_MS.)"""
+        """Called by future finalizers (anywhere, any time): only enqueue. The I/O thread reads
+        the queue each time it wakes, at least every POLL_MS; it is woken for releases only
+        when they pile up (a caller dropping each result before its next submit would wake it
+        once per round trip)."""
         if os.getpid() != self.pid or self.thread is None:
             return
         self.commands.put(("release", key))
+        if self.commands.qsize() >= RELEASES_BEFORE_WAKE:
+            self.wake()
 
     def request(self, msg_factory: Any, timeout: float | None) -> Any:
         """Send a request built by ``msg_factory(request_id)`` and wait for its reply value."""
@@ -359,7 +364,10 @@ class ClientCore(Fetching):
         message each (a loop of ``submit()`` calls reaches the scheduler as one SubmitTasks).
         Inline (on a caller's thread), only up to the first that may touch a zmq socket: that
         one and the rest wait, in order, for the I/O thread."""
-        items, self._deferred = self._deferred, []
+        # (the same list kept, emptied: a new one per turn, the last one living on, would pin
+        # one of a burst's pymalloc arenas, as for the scheduler's tables)
+        items = self._deferred.copy()
+        self._deferred.clear()
         while True:
             try:
                 items.append(self.commands.get_nowait())
@@ -368,7 +376,8 @@ class ClientCore(Fetching):
         if inline:
             for i, item in enumerate(items):
                 if item[0] not in INLINE_COMMANDS:
-                    items, self._deferred = items[:i], items[i:]
+                    self._deferred.extend(items[i:])
+                    items = items[:i]
                     break
         # (in order, sent at the end: work after a lane write delays the woken slot, measured
         # here, so the write is the last thing the caller does before it waits)

@@ -180,6 +180,10 @@ class Lane:
         except MalformedMessage:
             self.closed = True
             raise
+        if not inbox:
+            # a fresh, empty one owns no memory: the old one's small buffer, allocated while
+            # a burst of messages came in, could pin one of the burst's pymalloc arenas
+            self._inbox = bytearray()
         if ended and not messages:
             self.closed = True
             raise LaneClosed(f"lane to {self.peer or 'the scheduler'} closed by its other end")
