@@ -10,7 +10,7 @@ import threading
 
 import pytest
 from helpers import wait_until
-from tasks import getpid, inc, slow_inc
+from tasks import getpid, inc, initializer, slow_inc
 
 import meshpool
 from meshpool.transport import lanes
@@ -154,3 +154,37 @@ def test_a_worker_killed_while_its_lane_is_busy_has_its_task_rerun():
         os.kill(victim, 9)
         assert [f.result(60) for f in slow] == [1, 2, 3, 4]
         assert ex.submit(inc, 1).result(60) == 2
+
+
+def _initialized_size(*_: object) -> int:
+    import tasks as worker_tasks
+
+    return len(worker_tasks.INITIALIZED)
+
+
+@pytest.mark.timeout(120)
+def test_a_message_bigger_than_the_socket_buffers_waits_in_the_lane_and_arrives(monkeypatch):
+    """An initializer's arguments, twice what the kernel buffers, go to each slot on its lane:
+    past the buffers the scheduler keeps the rest (never blocking) and writes it as the slot
+    reads."""
+    flushes: list = []
+    real_flush = lanes.Lane.flush
+
+    def counting_flush(lane: lanes.Lane) -> None:
+        flushes.append(lane.wants_write)
+        real_flush(lane)
+
+    monkeypatch.setattr(lanes.Lane, "flush", counting_flush)
+    a, b = _pair()  # (what the kernel grants a lane here, both ends)
+    granted = a.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) + b.sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_RCVBUF
+    )
+    a.close()
+    b.close()
+    if 2 * granted > MAX_FRAME_BYTES // 2:
+        pytest.skip(f"socket buffers of {granted} bytes: a message to fill them is over the cap")
+    big = os.urandom(2 * granted)
+    with meshpool.Executor(1, threads_per_worker=2, initializer=initializer, initargs=(big,)) as ex:
+        assert [ex.submit(_initialized_size).result(60) for _ in range(4)] == [len(big)] * 4
+        assert len(ex._core.server._lanes) == 2
+    assert True in flushes  # the lanes did fill: their rest went out once writable
