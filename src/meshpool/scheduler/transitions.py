@@ -323,24 +323,22 @@ class Transitions:
         (freeing twice is harmless), so the memory does not wait for a long task to end. (Small
         keys wait: telling the control thread costs a wake-up in both processes.)
         """
+        small = 0 <= nbytes <= FREE_LATER_BYTES
         msg = self._frees.get(ws.id)
-        if msg is None:
+        if msg is not None:
+            msg.keys.append(key)
+            if small or ws.id in self._frees_told_control:
+                return  # (the common case of a big release: no slot lookup per key)
+            slot = min(ws.ready_slots, key=lambda i: len(ws.slots[i]), default=-1)
+        else:
             msg = self._frees[ws.id] = m.FreeKeys([key])
             slot = min(ws.ready_slots, key=lambda i: len(ws.slots[i]), default=-1)
             if slot >= 0:
                 self._send(f"{ws.id}/{slot}", msg)
-            if slot >= 0 and not ws.slots[slot]:
-                return  # (an idle slot frees it at once)
-        else:
-            msg.keys.append(key)
-            if ws.id in self._frees_told_control:
-                return
-            slot = min(ws.ready_slots, key=lambda i: len(ws.slots[i]), default=-1)
-            if slot >= 0 and not ws.slots[slot]:
-                return
-        if slot < 0 or not 0 <= nbytes <= FREE_LATER_BYTES:
-            self._frees_told_control.add(ws.id)
-            self._send(ws.id, msg)
+        if slot >= 0 and (small or not ws.slots[slot]):
+            return  # an idle slot frees it at once; a small key may wait for a busy one
+        self._frees_told_control.add(ws.id)
+        self._send(ws.id, msg)
 
     def _flush(self) -> Outgoing:
         out, self._out = self._out, []
