@@ -72,6 +72,7 @@ class SchedulerServer:
         self._lanes: dict[str, lanes.Lane] = {}  # slot peer id -> its lane (transport/lanes.py)
         self._lane_fds: dict[int, lanes.Lane] = {}  # every open lane, named or not yet
         self._writing: set[int] = set()  # lanes watched for POLLOUT (their kernel buffer filled)
+        self._dropped_inline: list[lanes.Lane] = []  # lanes an inline send found closed
         self._poller: zmq.Poller | None = None
         self.local_client = local_client
         self.deliver_local = deliver_local
@@ -191,9 +192,7 @@ class SchedulerServer:
             self._flush_held(lanes_only=True)
         finally:
             self._inline = False
-        return bool(self._held or self._writing) or any(
-            lane.closed for lane in self._lane_fds.values()
-        )
+        return bool(self._held or self._writing or self._dropped_inline)
 
     def _receive_batch(self, now: float) -> None:
         for _ in range(MAX_BATCH):
@@ -287,6 +286,7 @@ class SchedulerServer:
             del self._lanes[lane.peer]
         lane.closed = True
         if self._inline:
+            self._dropped_inline.append(lane)
             return
         if self._lane_fds.pop(lane.fd, None) is not None and self._poller is not None:
             self._poller.unregister(lane.fd)
@@ -494,8 +494,8 @@ class SchedulerServer:
             return
         self._last_ping = now
         self.state.compact()
-        for lane in [lane for lane in self._lane_fds.values() if lane.closed]:
-            self._drop_lane(lane)  # (closed by an inline send: see inline_begin)
+        while self._dropped_inline:
+            self._drop_lane(self._dropped_inline.pop())  # (see inline_begin)
         for peer in [p for p in self._kind if "/" not in p]:
             if peer in self._kind:
                 self._send(peer, m.Reply(-1, "ping"))
