@@ -18,7 +18,8 @@ NOBLOCK = int(zmq.NOBLOCK)
 ZERO_COPY_BYTES = 1024 * 1024  # frames at least this big are sent without a copy
 
 
-def _size(frame: Any) -> int:
+def frame_size(frame: Any) -> int:
+    """Bytes in one frame (bytes, or anything with the buffer protocol)."""
     return len(frame) if type(frame) is bytes else memoryview(frame).nbytes
 
 
@@ -32,7 +33,7 @@ def send_frames(sock: zmq.Socket, frames: list, flags: int = 0) -> None:
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         more = SNDMORE if i < last else 0
-        send(frame, flags | more, copy=_size(frame) < ZERO_COPY_BYTES)
+        send(frame, flags | more, copy=frame_size(frame) < ZERO_COPY_BYTES)
 
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[bytes]:

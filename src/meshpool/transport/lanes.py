@@ -9,7 +9,7 @@ thread writes and the receiving thread reads: one wake-up per hop.
 Who uses them: a scheduler bound to ``ipc://PATH`` also listens on ``PATH.lane``
 (:class:`LaneListener`), in the same private directory, whose permissions authenticate peers as
 they do for the ipc socket. A slot whose scheduler address is ``ipc://`` connects there
-(:func:`connect_slot_lane`) and names itself in its first message; everything between that slot
+(:func:`slot_channel`) and names itself in its first message; everything between that slot
 and the scheduler then goes on the lane. Any other slot (a TCP scheduler, a refused connect,
 ``MESHPOOL_LANES=0``) uses its zmq socket (:class:`ZmqChannel`), as before.
 
@@ -32,7 +32,7 @@ from typing import Any
 
 import zmq
 
-from .frames import NOBLOCK, recv_frames, send_frames
+from .frames import NOBLOCK, frame_size, recv_frames, send_frames
 from .header import MalformedMessage
 from .sockets import MAX_FRAME_BYTES, control_socket
 
@@ -62,13 +62,9 @@ def lane_path(address: str) -> str | None:
     return address[len("ipc://") :] + ".lane"
 
 
-def _size(frame: Any) -> int:
-    return len(frame) if type(frame) is bytes else memoryview(frame).nbytes
-
-
 def pack(frames: list) -> list:
     """``frames`` as the buffers to write: the lengths, then the frames themselves."""
-    head = struct.pack(f"<{len(frames) + 1}I", len(frames), *[_size(f) for f in frames])
+    head = struct.pack(f"<{len(frames) + 1}I", len(frames), *[frame_size(f) for f in frames])
     if len(frames) < MAX_IOV:
         return [head, *frames]
     return [head + b"".join(frames)]
@@ -200,7 +196,7 @@ class Lane:
 def _advance(buffers: list, written: int) -> list:
     """What is left of ``buffers`` after ``written`` bytes went out."""
     for i, buffer in enumerate(buffers):
-        size = _size(buffer)
+        size = frame_size(buffer)
         if written < size:
             return [memoryview(buffer).cast("B")[written:], *buffers[i + 1 :]]
         written -= size
@@ -229,7 +225,8 @@ def _split(inbox: bytearray) -> list[list[bytes]]:
         start += head + sum(sizes)
     if not layouts:
         return []
-    data = bytes(inbox[:start]) if start < end else bytes(inbox)
+    with memoryview(inbox) as view:  # (one copy; released before the bytearray shrinks)
+        data = bytes(view[:start])
     del inbox[:start]
     messages = []
     for position, sizes in layouts:
@@ -276,11 +273,8 @@ class LaneListener:
             os.unlink(self.path)
 
 
-def connect_slot_lane(identity: str, scheduler_address: str) -> Lane | None:
-    """A slot's lane to its scheduler, or None where there is none to use."""
-    path = lane_path(scheduler_address)
-    if path is None or not enabled():
-        return None
+def _connect_lane(identity: str, path: str) -> Lane | None:
+    """A slot's lane to the scheduler listening at ``path``, or None if it cannot be had."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
@@ -364,7 +358,7 @@ def slot_channel(identity: str, scheduler_address: str, security: Any) -> Lane |
         deadline = time.monotonic() + BIND_WAIT
         while not os.path.exists(ipc_file) and time.monotonic() < deadline:
             time.sleep(0.005)
-    lane = connect_slot_lane(identity, scheduler_address)
-    if lane is not None:
-        return lane
+        lane = _connect_lane(identity, path)
+        if lane is not None:
+            return lane
     return ZmqChannel(identity, scheduler_address, security)
