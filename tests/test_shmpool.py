@@ -59,6 +59,16 @@ def _receive(kept: list, spec: list, dtype=np.float64) -> np.ndarray:
     return np.frombuffer(shm.unpack_frames(kept, spec)[1], dtype=dtype)
 
 
+def _use_one_segment(pool: SegmentPool) -> str:
+    """Send and receive one big frame and drop what was received: the name of the pool's one
+    segment, free again."""
+    got = _receive(*_send(pool, np.full(MB, 1.0)))
+    [name] = _segments(pool)
+    del got
+    gc.collect()
+    return name
+
+
 # --- one process --------------------------------------------------------------------------------
 
 
@@ -165,10 +175,7 @@ def test_an_answer_for_an_old_generation_is_lost_not_wrong(pool):
 
 @pytest.mark.timeout(30)
 def test_a_segment_whose_file_was_removed_under_the_pool_is_not_sent_again(pool):
-    got = _receive(*_send(pool, np.full(MB, 1.0)))
-    [name] = _segments(pool)
-    del got
-    gc.collect()
+    name = _use_one_segment(pool)
     os.unlink(os.path.join(shm.SHM_DIR, name))  # someone cleaned /dev/shm
     shm.prune_mappings(force=True)  # (and this receiver has no mapping of it left)
     kept, spec = _send(pool, np.full(MB, 2.0))
@@ -203,10 +210,7 @@ def test_idle_segments_are_removed_and_the_pool_keeps_at_most_its_bytes(pool, mo
 
 @pytest.mark.timeout(30)
 def test_a_mapping_is_kept_for_reuse_and_dropped_once_its_file_is_gone(pool):
-    got = _receive(*_send(pool, np.full(MB, 1.0)))
-    [name] = _segments(pool)
-    del got
-    gc.collect()
+    name = _use_one_segment(pool)
     assert name in shm._mapped
     shm.prune_mappings(force=False)  # (throttled or not: the file is there, so it stays)
     assert name in shm._mapped
