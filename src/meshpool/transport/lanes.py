@@ -84,7 +84,7 @@ class Lane:
         self.peer = ""  # the peer's id, once known (the scheduler's end learns it from HELLO)
         self.closed = False  # the other end went (end of file, broken pipe), or was dropped
         self._blocking_send = blocking_send
-        self._inbox = bytearray()
+        self._inbox: bytearray | None = None  # the start of a message not yet whole
         self._chunk = memoryview(bytearray(READ_BYTES))  # (recv() would allocate this per call)
         self._outbox: list[memoryview] = []  # what the kernel has not taken yet
         self._poll = select.poll()
@@ -154,7 +154,7 @@ class Lane:
         :class:`LaneClosed` at end of file, or when a message breaks the framing rules."""
         if self.closed:
             raise LaneClosed(f"lane to {self.peer or 'the scheduler'} is closed")
-        inbox = self._inbox
+        inbox = self._inbox if self._inbox is not None else bytearray()
         ended = False
         chunk = self._chunk
         while True:
@@ -176,10 +176,10 @@ class Lane:
         except MalformedMessage:
             self.closed = True
             raise
-        if not inbox:
-            # a fresh, empty one owns no memory: the old one's small buffer, allocated while
-            # a burst of messages came in, could pin one of the burst's pymalloc arenas
-            self._inbox = bytearray()
+        # an empty inbox is dropped, not kept: kept, it (or the small buffer it is left
+        # with) would outlive a burst of messages in one of the burst's pymalloc arenas and
+        # keep that whole arena from going back to the system
+        self._inbox = inbox or None
         if ended and not messages:
             self.closed = True
             raise LaneClosed(f"lane to {self.peer or 'the scheduler'} closed by its other end")
