@@ -15,6 +15,7 @@ A task's *spec* frames are ``[function, arguments pickle, *argument buffers]``.
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import MISSING, Field, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -398,7 +399,7 @@ class Compute:
     priority: Any
     dependencies: list
     options: Any
-    frames: list = field(default_factory=list)
+    frames: Sequence = field(default_factory=list)  # the scheduler's stored spec: a tuple
 
 
 @_message

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import sys
 from collections import deque
+from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from .. import messages as m
 
@@ -31,11 +32,44 @@ _EMPTY: frozenset = frozenset()  # every TaskState set starts as this one (no me
 SHRINK_ABOVE = 256 * 1024  # bytes: a container's table bigger than this may be shrunk
 
 
-def _with(items: AbstractSet[_T], item: _T) -> set[_T]:
-    """``items`` plus ``item``: a real set from the shared empty one on first add."""
+_M = TypeVar("_M", bound="Member")
+
+
+class Member:
+    """A record that also stands for the set holding just itself.
+
+    Most of a task's dependents, waiters and holders are one record (a reduction tree, a
+    result on one worker). A set of one costs 216 bytes and is a container the cyclic garbage
+    collector tracks: a 100,000-task reduction graph in flight had ~180,000 of them, and each
+    full collection scanned them all, so the collector's share grew with the graph
+    (``benchmarks/graph_gc.py``). Held as the record itself, the one member costs neither.
+    :func:`_with` and :func:`_without` switch between the shared empty set, a lone record and
+    a set; code reading these fields only iterates, tests membership and truth, and takes
+    ``len``, which a record answers as the set of itself.
+    """
+
+    __slots__ = ()
+
+    def __iter__(self: _M) -> Iterator[_M]:
+        return iter((self,))
+
+    def __len__(self) -> int:
+        return 1
+
+    def __contains__(self, item: object) -> bool:
+        return item is self
+
+
+# what a TaskState holds of other records: none, one record, or a set of several
+Few: TypeAlias = "AbstractSet[_M] | _M"
+
+
+def _with(items: Any, item: _T) -> Any:
+    """``items`` plus ``item``: the shared empty set, a lone :class:`Member` or a set."""
     if items is _EMPTY:
-        return {item}
-    assert isinstance(items, set)
+        return item if isinstance(item, Member) else {item}
+    if isinstance(items, Member):
+        return items if items is item else {items, item}
     items.add(item)
     return items
 
@@ -72,20 +106,26 @@ def shrunk(container: _C) -> _C:
     return type(container)(container)
 
 
-def _without(items: AbstractSet[_T], item: _T) -> AbstractSet[_T]:
-    """``items`` less ``item``; back to the shared empty set when nothing is left."""
+def _without(items: Any, item: _T) -> Any:
+    """``items`` less ``item``: the shared empty set when nothing is left, the lone record when
+    one :class:`Member` is."""
+    if isinstance(items, Member):
+        return _EMPTY if items is item else items
     if not items:
         return _EMPTY
-    assert isinstance(items, set)
     items.discard(item)
-    return items or _EMPTY
+    if len(items) > 1:
+        return items
+    for only in items:
+        return only if isinstance(only, Member) else items
+    return _EMPTY
 
 
 class InvalidTransition(RuntimeError):
     """The state machine was asked for a move its rules do not allow (a bug, not bad input)."""
 
 
-class TaskState:
+class TaskState(Member):
     __slots__ = (
         "key",
         "state",
@@ -109,17 +149,18 @@ class TaskState:
         "recall",
     )
 
-    def __init__(self, key: Any, spec: list | None, priority: Any, options: dict | None) -> None:
+    def __init__(self, key: Any, spec: tuple | None, priority: Any, options: dict | None) -> None:
         self.key = key
         self.state = WAITING
         self.spec = spec  # opaque frames; None for scattered data (no lineage)
         self.dependencies: tuple[TaskState, ...] = ()
-        # (the sets start as the shared empty frozenset and become sets when something is added,
-        # see _with / _without: five empty sets were half of a held task's memory)
-        self.dependents: AbstractSet[TaskState] = _EMPTY
-        self.waiting_on: AbstractSet[TaskState] = _EMPTY  # dependencies not yet in memory
-        self.waiters: AbstractSet[TaskState] = _EMPTY  # dependents not yet finished
-        self.who_has: AbstractSet[WorkerState] = _EMPTY
+        # (these start as the shared empty frozenset, hold a lone record as itself and become
+        # sets from two members on: see Member, _with and _without. Five empty sets were half
+        # of a held task's memory; then its one-member sets were 216 bytes each, GC-tracked)
+        self.dependents: Few[TaskState] = _EMPTY
+        self.waiting_on: Few[TaskState] = _EMPTY  # dependencies not yet in memory
+        self.waiters: Few[TaskState] = _EMPTY  # dependents not yet finished
+        self.who_has: Few[WorkerState] = _EMPTY
         self.processing_on: WorkerState | None = None
         self.priority = priority
         self.nbytes = 0
@@ -177,7 +218,7 @@ def _restrictions(options: dict | None) -> tuple | None:
     return (frozenset(workers) if workers else None, dict(resources) if resources else None)
 
 
-class WorkerState:
+class WorkerState(Member):
     __slots__ = (
         "id",
         "name",

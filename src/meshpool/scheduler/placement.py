@@ -212,5 +212,5 @@ class Placement(Transitions):
             for d in ts.dependencies
         ]
         self._send(
-            f"{ws.id}/{slot}", m.Compute(ts.key, ts.priority, deps, ts.options, ts.spec or [])
+            f"{ws.id}/{slot}", m.Compute(ts.key, ts.priority, deps, ts.options, ts.spec or ())
         )

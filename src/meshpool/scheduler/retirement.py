@@ -48,7 +48,7 @@ class Retirement(Recalls):
             return
         staying = [ws for ws in self.workers.values() if ws.retiring is None]
         for ws in retiring:
-            sole = [ts for ts in ws.has_what if ts.who_has == {ws} and ts.state == MEMORY]
+            sole = [ts for ts in ws.has_what if ts.who_has is ws and ts.state == MEMORY]
             if sole and staying:
                 self._hand_off(ws, [ts for ts in sole if ts.key not in ws.handoff], staying)
                 continue

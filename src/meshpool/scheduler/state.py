@@ -305,7 +305,7 @@ class SchedulerState(Retirement):
         offset = 0
         new: list[TaskState] = []
         for key, dep_keys, nframes, priority, options in msg.tasks:
-            spec = frames[offset : offset + nframes]
+            spec = tuple(frames[offset : offset + nframes])  # (a tuple of bytes: not GC-tracked)
             offset += nframes
             ts = self.tasks.get(key)
             if ts is not None:  # resubmitted key (dask graphs may share keys): keep the first
@@ -593,7 +593,7 @@ class SchedulerState(Retirement):
                     assert dts.key in self.tasks, (ts, dts)
                     assert ts in dts.waiters, (ts, dts)
             if ts.state == WAITING:
-                assert ts.waiting_on == {d for d in ts.dependencies if d.state != MEMORY}, ts
+                assert set(ts.waiting_on) == {d for d in ts.dependencies if d.state != MEMORY}, ts
         for ws in self.workers.values():
             for ts in ws.processing:
                 assert ts.processing_on is ws and ts.state == PROCESSING, (ts, ws)
