@@ -207,6 +207,14 @@ def test_dependent_chained_behind_its_input_in_the_same_slot(sim):
     assert sim.done("w1/0", "y") == [("c1", task_done("y"))]
 
 
+def test_diamond_chained_once_its_last_input_is(sim):
+    """c needs a and b; b needs a. Refused while b waits, c is looked at again once b is
+    chained (whichever of a's dependents comes first)."""
+    sim.register("w1")
+    out = sim.submit(("a", []), ("b", ["a"]), ("c", ["a", "b"]))
+    assert [(peer, msg.key) for peer, msg in out] == [("w1/0", "a"), ("w1/0", "b"), ("w1/0", "c")]
+
+
 def test_chained_dependent_is_never_stolen(sim):
     sim.register("w1")
     sim.submit(("x", []), ("y", ["x"]))
@@ -240,7 +248,7 @@ def test_one_member_is_held_as_the_record_itself(sim):
     sim.submit(("x", [], {"workers": ["name-w1"]}), ("y", ["x"]))
     x, y = sim.ts("x"), sim.ts("y")
     assert x.dependents is y and x.waiters is y and y.waiting_on is x
-    assert list(x.dependents) == [y] and y in x.waiters and len(x.dependents) == 1
+    assert list(x.dependents) == [y] and y in x.waiters and x.waiters
     sim.done("w1/0", "x")
     assert x.who_has is w1 and not y.waiting_on
     sim.worker("w2", m.AddKeys([("x", 8)]))  # a copy on w2 too

@@ -44,17 +44,15 @@ class Member:
     full collection scanned them all, so the collector's share grew with the graph
     (``benchmarks/graph_gc.py``). Held as the record itself, the one member costs neither.
     :func:`_with` and :func:`_without` switch between the shared empty set, a lone record and
-    a set; code reading these fields only iterates, tests membership and truth, and takes
-    ``len``, which a record answers as the set of itself.
+    a set. Code reading these fields only iterates them and tests membership and truth, which
+    a record answers as the set of itself (true, with no ``__len__``: a Python-level
+    ``__len__`` would make every truth test a call).
     """
 
     __slots__ = ()
 
     def __iter__(self: _M) -> Iterator[_M]:
         return iter((self,))
-
-    def __len__(self) -> int:
-        return 1
 
     def __contains__(self, item: object) -> bool:
         return item is self
