@@ -155,35 +155,46 @@ class Placement(Transitions):
                 continue
             slot = self._open_slot(ws, capacity)
             self._assign(ts, ws, slot)
-            self._chain(ws, slot)
+            self._chain(ws, slot, (ts,))  # (only ts is new in the slot: only its dependents)
             if self._open_slot(ws, capacity) < 0:
                 open_workers.discard(ws)
         for entry in deferred:
             heapq.heappush(self._ready, entry)
 
-    def _chain(self, ws: WorkerState, slot: int) -> None:
+    def _chain(self, ws: WorkerState, slot: int, new: Iterable[TaskState] | None = None) -> None:
         """Queue dependents right behind their inputs in a slot.
 
         A waiting task whose unfinished inputs are all queued in one slot can go to that slot
         now: slots run in order, so its inputs are in the worker's store when it starts. A chain
         ``x = submit(f, x)`` then runs without a scheduler round trip per link. A dependent queued
         this way whose input fails or is cancelled is withdrawn with CancelCompute.
+
+        ``new``: the tasks just queued in the slot, when nothing else changed there (only their
+        dependents can have become chainable); else every queued task's dependents are looked
+        at (a task ended: its room may take a dependent refused before for lack of it).
         """
         queue = ws.slots[slot]
         capacity = self._room(ws, slot, self.slot_capacity())
         if len(queue) >= capacity:
             return
-        # runs once or twice per finished task and most queued tasks have no dependents: look
-        # only at those that have some (scanning every queued task cost 20 µs a call)
-        pending = collections.deque(ts for ts in queue if ts.dependents)
+        # most queued tasks have no dependents, and in a reduction several share one: look at
+        # each dependent once (a scan of every queued task's dependents was ~40 µs per task
+        # of a 30,000-task reduction, a fifth of the scheduler's time)
+        pending = collections.deque(ts for ts in (queue if new is None else new) if ts.dependents)
+        refused: set[TaskState] = set()  # (until one of their inputs is chained here)
         while pending:
-            for dep in list(pending.popleft().dependents):
+            for dep in pending.popleft().dependents:
+                if dep.state != WAITING or dep in refused:
+                    continue
                 if len(queue) >= capacity:
                     return
-                if dep.state == WAITING and self._chainable(dep, ws, slot):
-                    self._assign(dep, ws, slot)
-                    if dep.dependents:
-                        pending.append(dep)
+                if not self._chainable(dep, ws, slot):
+                    refused.add(dep)
+                    continue
+                self._assign(dep, ws, slot)
+                if dep.dependents:
+                    refused.difference_update(dep.dependents)
+                    pending.append(dep)
 
     def _chainable(self, ts: TaskState, ws: WorkerState, slot: int) -> bool:
         if ts.restrictions is not None and not (self._fits(ts, ws) and self._has_room(ts, ws)):
