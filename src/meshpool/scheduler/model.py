@@ -114,9 +114,10 @@ def _without(items: Any, item: _T) -> Any:
     items.discard(item)
     if len(items) > 1:
         return items
-    for only in items:
-        return only if isinstance(only, Member) else items
-    return _EMPTY
+    if not items:
+        return _EMPTY
+    (only,) = items
+    return only if isinstance(only, Member) else items
 
 
 class InvalidTransition(RuntimeError):

@@ -154,7 +154,7 @@ class Lane:
         :class:`LaneClosed` at end of file, or when a message breaks the framing rules."""
         if self.closed:
             raise LaneClosed(f"lane to {self.peer or 'the scheduler'} is closed")
-        inbox = self._inbox if self._inbox is not None else bytearray()
+        inbox = self._inbox or bytearray()
         ended = False
         chunk = self._chunk
         while True:
