@@ -37,6 +37,7 @@ import zmq
 
 from .. import errors
 from .. import messages as m
+from ..pinning import renewed, since, stamp
 from ..scheduler.model import shrunk
 from ..transport import serialize, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
@@ -102,7 +103,7 @@ class ClientCore(Fetching):
         # dropped here when the task ends): sent again if their worker dies first (ResendData)
         self.kept: dict[Any, list] = {}
         self._holding = False  # remote: messages wait in _held until _release (batched)
-        self._last_compact = 0.0
+        self._last_compact = 0  # (instants kept as pinning.stamp()s)
         self._held: list = []
         self.remote_done: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.requests: dict[int, PlainFuture] = {}
@@ -129,7 +130,7 @@ class ClientCore(Fetching):
         self._spawner: threading.Thread | None = None
         self._spawn_error: Exception | None = None
         self.dealer: zmq.Socket | None = None
-        self._last_from_scheduler = time.monotonic()
+        self._last_from_scheduler = stamp(time.monotonic())
         self.thread = threading.Thread(target=self._run, name="meshpool-io", daemon=True)
         if address is None:
             self._start_local(nworkers, threads_per_worker, memory_limit)
@@ -529,7 +530,7 @@ class ClientCore(Fetching):
                 frames = recv_frames(self.dealer, NOBLOCK)
             except zmq.Again:
                 return
-            self._last_from_scheduler = time.monotonic()
+            self._last_from_scheduler = stamp(time.monotonic())
             self.stats["client_bytes_received"] += sum(len(f) for f in frames)
             try:
                 msgs = m.decode_all(frames)
@@ -616,14 +617,18 @@ class ClientCore(Fetching):
             reply.set_result(value)
 
     def _on_tick(self, now: float) -> None:
-        if now - self._last_compact > COMPACT_INTERVAL:  # emptied tables back to the allocator
-            self._last_compact = now
+        if (
+            since(now, self._last_compact) > COMPACT_INTERVAL
+        ):  # emptied tables back to the allocator
+            self._last_compact = stamp(now)
+            for name, count in self.stats.items():
+                self.stats[name] = renewed(count)  # (see pinning.py)
             self.pending = shrunk(self.pending)  # (only this thread writes it)
             self.shm_pool.trim()  # segments freed by dead workers, idle ones
             shm.prune_mappings()  # workers' segments whose file is gone
         if self.server is not None:
             self.server.on_tick(now)
-        elif self.dealer is not None and now - self._last_from_scheduler > SCHEDULER_SILENCE:
+        elif self.dealer is not None and since(now, self._last_from_scheduler) > SCHEDULER_SILENCE:
             self._break(
                 errors.SchedulerLost(
                     f"no word from the scheduler at {self.address} for {SCHEDULER_SILENCE:g} s"

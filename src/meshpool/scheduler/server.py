@@ -36,6 +36,7 @@ from typing import Any
 import zmq
 
 from .. import messages as m
+from ..pinning import renewed, since, stamp
 from ..transport import lanes, runmarker, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import MalformedMessage
@@ -76,8 +77,8 @@ class SchedulerServer:
         self._poller: zmq.Poller | None = None
         self.local_client = local_client
         self.deliver_local = deliver_local
-        self._last_ping = 0.0
-        self._last_seen: dict[str, float] = {}
+        self._last_ping = 0  # (instants kept as pinning.stamp()s)
+        self._last_seen: dict[str, int] = {}
         self._kind: dict[str, str] = {}  # peer id -> "worker" | "client"
         self._unresponsive: set[str] = set()
         self._worker_peers: dict[str, set[str]] = {}  # worker id -> its control + slot peers
@@ -219,7 +220,7 @@ class SchedulerServer:
             return
         # any traffic is a sign of life; a slot's ("worker-id/n") counts for its worker, as
         # slots only speak when they finish tasks (they would look "unresponsive" otherwise)
-        self._last_seen[peer.partition("/")[0]] = now
+        self._last_seen[peer.partition("/")[0]] = stamp(now)
         for msg in msgs:
             try:
                 self._dispatch(peer, msg)
@@ -471,7 +472,8 @@ class SchedulerServer:
         kind = self._kind.get(peer)
         if kind == "worker":
             worker_id = peer.partition("/")[0]
-            silent = time.monotonic() - self._last_seen.get(worker_id, time.monotonic())
+            seen = self._last_seen.get(worker_id)
+            silent = since(time.monotonic(), seen) if seen is not None else 0.0
             if silent >= self._vanished_after:
                 reason = f"silent for {silent:.1f} s, connection timed out (host vanished?)"
                 self.remove_worker(worker_id, reason, blame=False)
@@ -490,10 +492,13 @@ class SchedulerServer:
             self._send_all(self.state.remove_client(peer))
 
     def on_tick(self, now: float) -> None:
-        if now - self._last_ping < PING_INTERVAL:
+        if since(now, self._last_ping) < PING_INTERVAL:
             return
-        self._last_ping = now
+        self._last_ping = stamp(now)
         self.state.compact()
+        self.bytes_sent = renewed(self.bytes_sent)  # (see pinning.py)
+        self.bytes_received = renewed(self.bytes_received)
+        self.messages_received = renewed(self.messages_received)
         while self._dropped_inline:
             self._drop_lane(self._dropped_inline.pop())  # (see inline_begin)
         for peer in [p for p in self._kind if "/" not in p]:
@@ -502,11 +507,11 @@ class SchedulerServer:
         for peer, seen in list(self._last_seen.items()):
             if (
                 self._kind.get(peer) == "worker"
-                and now - seen > UNRESPONSIVE_AFTER
+                and since(now, seen) > UNRESPONSIVE_AFTER
                 and peer not in self._unresponsive
             ):
                 self._unresponsive.add(peer)
-                logger.warning("worker %s unresponsive for %.0f s", peer, now - seen)
+                logger.warning("worker %s unresponsive for %.0f s", peer, since(now, seen))
 
 
 def serve_forever(

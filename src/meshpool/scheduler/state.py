@@ -61,6 +61,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import messages as m
+from ..pinning import renewed
 from .model import (
     _FINISHED,
     CANCELLED,
@@ -570,9 +571,11 @@ class SchedulerState(Retirement):
         """Give back the tables of big containers that have emptied out (a dict or set keeps
         its size after deletions: 100,000 tasks released left ~8 MB of empty tables)."""
         shrink(self.tasks)
+        self._seq = renewed(self._seq)  # (see pinning.py)
         for ws in self.workers.values():
             shrink(ws.has_what)
             shrink(ws.processing)
+            ws.sent[:] = [renewed(count) for count in ws.sent]
 
     def validate_state(self) -> None:
         """Check every invariant; tests call this after each step (never the hot path)."""

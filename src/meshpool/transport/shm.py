@@ -55,6 +55,8 @@ import weakref
 from functools import lru_cache
 from typing import Any
 
+from ..pinning import since, stamp
+
 SHM_DIR = "/dev/shm"
 THRESHOLD = 1 << 20  # frames at least this big take the shared-memory path
 FREE_MARGIN = 64 << 20  # leave this much of /dev/shm free for everybody else
@@ -219,7 +221,7 @@ class _Mapped:
 
 _mapped: dict[str, _Mapped] = {}
 _mapped_lock = threading.RLock()  # (a release may run in a finalizer while the lock is held)
-_last_prune = 0.0
+_last_prune = 0  # (a pinning.stamp())
 PRUNE_INTERVAL = 1.0  # seconds between looks for mapped segments whose file is gone
 
 
@@ -297,9 +299,9 @@ def prune_mappings(force: bool = False) -> None:
     pressure: the next transfer through it maps it again). Throttled to :data:`PRUNE_INTERVAL`."""
     global _last_prune
     now = time.monotonic()
-    if not force and now - _last_prune < PRUNE_INTERVAL:
+    if not force and since(now, _last_prune) < PRUNE_INTERVAL:
         return
-    _last_prune = now
+    _last_prune = stamp(now)
     with _mapped_lock:
         for name, entry in list(_mapped.items()):
             if entry.live == 0 and (force or not _same_file(name, entry.inode)):

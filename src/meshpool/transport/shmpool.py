@@ -31,6 +31,7 @@ import time
 import uuid
 from typing import Any
 
+from ..pinning import since, stamp
 from . import shm
 
 POOL_IDLE = 60.0  # seconds a free segment is kept for reuse
@@ -86,7 +87,7 @@ class _Segment:
         self.generation = 1
         self.busy = True  # handed out; free again when its receiver says so
         self.sent_at = time.time()
-        self.idle_since = 0.0
+        self.idle_since = 0  # (a pinning.stamp())
 
 
 def _same_file(segment: _Segment) -> bool:
@@ -114,7 +115,7 @@ class SegmentPool:
         self.keep = pool_bytes() if keep is None else keep
         self._segments: dict[str, _Segment] = {}
         self._lock = threading.Lock()
-        self._last_trim = 0.0
+        self._last_trim = 0  # (instants kept as pinning.stamp()s)
         self.closed = False
 
     @property
@@ -169,7 +170,7 @@ class SegmentPool:
 
     def _now_free(self, segment: _Segment) -> None:
         segment.busy = False
-        segment.idle_since = time.monotonic()
+        segment.idle_since = stamp(time.monotonic())
 
     def _mark_sent(self, segment: _Segment, size: int) -> None:
         segment.sent_at = now = time.time()
@@ -226,8 +227,8 @@ class SegmentPool:
     def trim(self, force: bool = False) -> None:
         """:meth:`tidy` at most every :data:`TRIM_INTERVAL` (unless ``force``)."""
         now = time.monotonic()
-        if force or now - self._last_trim >= TRIM_INTERVAL:
-            self._last_trim = now
+        if force or since(now, self._last_trim) >= TRIM_INTERVAL:
+            self._last_trim = stamp(now)
             self.tidy(force)
 
     def tidy(self, force: bool = False) -> None:
@@ -243,7 +244,7 @@ class SegmentPool:
             )
             kept = sum(s.capacity for s in free)
             for segment in free:  # oldest first
-                if force or kept > self.keep or now - segment.idle_since > POOL_IDLE:
+                if force or kept > self.keep or since(now, segment.idle_since) > POOL_IDLE:
                     kept -= segment.capacity
                     self._drop(segment)
 
