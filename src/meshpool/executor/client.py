@@ -617,9 +617,8 @@ class ClientCore(Fetching):
             reply.set_result(value)
 
     def _on_tick(self, now: float) -> None:
-        if (
-            since(now, self._last_compact) > COMPACT_INTERVAL
-        ):  # emptied tables back to the allocator
+        if since(now, self._last_compact) > COMPACT_INTERVAL:
+            # emptied tables back to the allocator, counters to its current pool
             self._last_compact = stamp(now)
             for name, count in self.stats.items():
                 self.stats[name] = renewed(count)  # (see pinning.py)
