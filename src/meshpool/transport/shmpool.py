@@ -13,6 +13,9 @@ big frames through, and sends the next frames through them again::
               and never taken within shm.EXPIRY is removed (never reused: a receiver may still
               be reading it); free segments idle for POOL_IDLE s, or beyond MESHPOOL_SHM_POOL
               bytes of them, are removed
+    arena:    (:meth:`SegmentPool.prefault`, workers only) one free segment whose pages are
+              allocated ahead, in an idle-priority thread, so that even the first big transfer
+              is a copy into existing pages: kept until the owner exits or memory runs short
 
 A segment is written only while FREE, so a view handed to a receiver stays valid for as long as
 the receiver holds it, however long that is; meanwhile other transfers use other segments. Names
@@ -24,6 +27,7 @@ owner exits (never freed too early).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -37,7 +41,8 @@ from . import shm
 POOL_IDLE = 60.0  # seconds a free segment is kept for reuse
 POOL_BYTES = 1 << 30  # free segments kept at most, per pool (or an eighth of /dev/shm if less)
 TRIM_INTERVAL = 1.0  # seconds between trims on the owner's tick
-MADV_POPULATE_READ = 22  # Linux 5.14+ (the mmap module names it from Python 3.13 only)
+MADV_POPULATE_READ = 22  # Linux 5.14+ (the mmap module names them from Python 3.13 only)
+MADV_POPULATE_WRITE = 23
 
 
 def pool_bytes() -> int:
@@ -73,6 +78,7 @@ class _Segment:
         "written",
         "populated",
         "inode",
+        "arena",
     )
 
     def __init__(
@@ -88,6 +94,7 @@ class _Segment:
         self.busy = True  # handed out; free again when its receiver says so
         self.sent_at = time.time()
         self.idle_since = 0  # (a pinning.stamp())
+        self.arena = False  # made ahead by prefault(): kept while idle, taken by smaller frames
 
 
 def _same_file(segment: _Segment) -> bool:
@@ -105,6 +112,19 @@ def _populate(segment: _Segment) -> None:
         segment.mapping.madvise(MADV_POPULATE_READ, shm.HEADER, segment.written)
     except (OSError, ValueError):  # an older kernel: the copy faults them in
         pass
+
+
+def _allocate(segment: _Segment, size: int) -> bool:
+    """Make the pages up to ``size`` that no transfer has written yet (a bigger frame than
+    before, or an arena only partly made) before copying into them, where /dev/shm running
+    full is an error rather than the SIGBUS a copy into the mapping would get. False if full."""
+    start = (shm.HEADER + segment.written) // mmap.PAGESIZE * mmap.PAGESIZE
+    try:
+        segment.mapping.madvise(MADV_POPULATE_WRITE, start, shm.HEADER + size - start)
+    except OSError as exc:  # full; or an older kernel (EINVAL): then the copy faults them in
+        return exc.errno in (errno.EINVAL, errno.ENOSYS)
+    segment.written = size
+    return True
 
 
 class SegmentPool:
@@ -135,6 +155,9 @@ class SegmentPool:
             return self._create(view)
         if not segment.populated:
             _populate(segment)
+        if size > segment.written and not _allocate(segment, size):
+            self.cancel(segment.name, segment.generation)
+            return self._create(view)
         with memoryview(segment.mapping) as target:  # (no receiver knows this generation yet)
             target[shm.HEADER : shm.HEADER + size] = view
         segment.written = max(segment.written, size)
@@ -156,14 +179,15 @@ class SegmentPool:
         return best
 
     def _smallest_free(self, size: int) -> _Segment | None:
-        """Not one over twice the size this transfer would get: a small value held for long
-        would tie up a big segment."""
+        """Not one over twice the size this transfer would get (the arena: over eight times): a
+        small value held for long would tie up a big segment."""
         best = None
         most = 2 * capacity_for(size)
         for segment in self._segments.values():
             if segment.busy and segment.mapping[shm._STATE] == shm.FREE:
                 self._now_free(segment)
-            fits = not segment.busy and size <= segment.capacity <= most
+            limit = max(most, 8 * size) if segment.arena else most
+            fits = not segment.busy and size <= segment.capacity <= limit
             if fits and (best is None or segment.capacity < best.capacity):
                 best = segment
         return best
@@ -240,7 +264,8 @@ class SegmentPool:
                 if segment.busy:
                     self._check_busy(segment)
             free = sorted(
-                (s for s in self._segments.values() if not s.busy), key=lambda s: s.idle_since
+                (s for s in self._segments.values() if not s.busy and (force or not s.arena)),
+                key=lambda s: s.idle_since,
             )
             kept = sum(s.capacity for s in free)
             for segment in free:  # oldest first
@@ -272,6 +297,64 @@ class SegmentPool:
             segment.mapping.close()  # (receivers keep their own mappings)
         except BufferError:  # being filled (closed at exit): unmapped when the copy is done
             pass
+
+    def add_arena(self, nbytes: int) -> str | None:
+        """Register the arena: a free segment of ``nbytes`` (rounded up to a capacity) whose
+        pages someone is about to allocate (``transport/arena.py``), so that even the first big
+        transfer through it copies into existing pages. Its path, or None (no room, no pool).
+
+        Idle trims keep the arena; ``tidy(force=True)`` (memory pressure) removes it. A transfer
+        may take it before its pages are all made: :func:`_allocate` makes the rest."""
+        capacity = capacity_for(nbytes)
+        if not self.enabled or not shm.has_room(shm.HEADER + capacity):
+            return None
+        name = f"{shm.file_prefix(self.tag)}{shm.POOL_MARK[1:]}arena-{uuid.uuid4().hex}"
+        path = os.path.join(shm.SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            return None
+        try:
+            segment = self._new_arena(fd, name, capacity)
+        except OSError:
+            segment = None
+        finally:
+            os.close(fd)
+        if segment is None:
+            shm._unlink(path)
+            return None
+        return path
+
+    def arena_made(self, path: str, made: bool) -> None:
+        """The arena's pages are all allocated (``made``), or could not be (/dev/shm is full:
+        the arena goes, unless a transfer holds it)."""
+        with self._lock:
+            segment = self._segments.get(os.path.basename(path))
+            if segment is None:
+                return
+            if made:
+                segment.written = segment.capacity
+                segment.populated = False  # (the next transfer maps the pages made since)
+            elif not segment.busy:
+                self._drop(segment)
+
+    def _new_arena(self, fd: int, name: str, capacity: int) -> _Segment | None:
+        """The arena's file, header and mapping, registered free (its pages not yet made)."""
+        os.ftruncate(fd, shm.HEADER + capacity)
+        header = bytearray(shm.HEADER)
+        header[:8] = shm.MAGIC
+        header[shm._STATE] = shm.FREE
+        os.pwrite(fd, header, 0)
+        mapping = mmap.mmap(fd, shm.HEADER + capacity, flags=mmap.MAP_SHARED)
+        segment = _Segment(name, capacity, mapping, 0, os.fstat(fd).st_ino)
+        segment.arena = True
+        self._now_free(segment)
+        with self._lock:
+            if self.closed:
+                self._remove(segment)
+                return None
+            self._segments[name] = segment
+        return segment
 
     def close(self) -> None:
         """Remove every segment (at the owner's exit); receivers' views stay valid."""

@@ -39,7 +39,7 @@ from typing import Any
 import zmq
 
 from .. import messages as m
-from ..transport import runmarker, serialize, shm
+from ..transport import arena, runmarker, serialize, shm
 from ..transport.frames import NOBLOCK, recv_frames, send_frames
 from ..transport.header import MalformedMessage
 from ..transport.runmarker import RunMarker
@@ -107,6 +107,7 @@ class Worker:
         self._replica_request = 0
         self._shm_tag = uuid.uuid4().hex[:8]  # names this worker's shared-memory files
         self._shm_pool = SegmentPool(self._shm_tag)  # ...and the segments it reuses
+        self._arena = arena.Arena(self._shm_pool)  # (made once registered, in idle time)
         self._last_shm_sweep = time.monotonic()
 
         self.ctrl = control_socket(zmq.DEALER, identity=worker_id.encode())
@@ -283,6 +284,7 @@ class Worker:
             sock.close(linger=0)
         self.ctrl.close(linger=200)  # let a last message (AddKeys) go out
         self.data.close(linger=0)
+        self._arena.stop()
         self._shm_pool.close()
         self.marker.unlink()
         shm.remove_own(self._shm_tag)  # answers nobody took in: they never will now
@@ -323,6 +325,7 @@ class Worker:
             unsent, self._unsent = self._unsent, []
             for msg in unsent:
                 self._send(msg)
+        self._arena.poll()
         self._shm_pool.trim()  # (throttled: segments freed by dead receivers, idle ones)
         shm.prune_mappings()  # (throttled: peers' segments whose file is gone)
         if now - self._last_shm_sweep >= SHM_SWEEP_INTERVAL:
@@ -402,6 +405,7 @@ class Worker:
         """The scheduler answers (and pings) only workers it registered."""
         if not self.registered:
             self.registered = True
+            self._arena.start()
             if self.on_registered is not None:
                 self.on_registered()
 

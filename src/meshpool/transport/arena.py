@@ -1,0 +1,124 @@
+"""A worker's arena: shared-memory pages made ahead, by a process that only idle CPUs run.
+
+The first big transfer out of a fresh worker used to pay for new tmpfs pages as it copied: on
+this project's VM, 200 MB took ~110 ms to copy into new pages against ~45 ms into pages made
+before, and far more when the host is busy (BENCHMARKS.md, session 6). So once registered, a
+worker registers one free segment of :func:`arena_bytes` in its
+:class:`~meshpool.transport.shmpool.SegmentPool` and has its pages made in the background::
+
+    worker registered ─▶ pool.add_arena(size) ─▶ posix_spawn(python -S -c MAKE_PAGES path)
+                                                 ─▶ sched_setscheduler(child, SCHED_IDLE)
+    child             ─▶ maps the file, madvise(MADV_POPULATE_WRITE) over its data, exits
+    worker tick       ─▶ waitpid(WNOHANG): exited ─▶ pool.arena_made(path, exit code == 0)
+    worker close      ─▶ SIGKILL the child if it still runs, reap it
+
+How it stays out of everyone's way:
+
+- ``SCHED_IDLE``: the kernel runs the child (its interpreter's start-up too) only on a CPU
+  nothing else wants. The child is set so by the worker, as soon as it exists: ``posix_spawn``
+  takes only the classic policies (glibc refuses ``SCHED_IDLE`` there).
+- A process, not a thread: populating a mapping holds its process's memory-map lock, which the
+  worker's own ``mmap`` calls then wait for (start-up took ~50 ms longer with a thread here),
+  and an idle-priority thread would take the worker's GIL at idle priority.
+- Memory: the child's mapping goes with it, so the pages count in no process's RSS until a
+  transfer maps them; a worker's memory limit sees nothing new.
+- Data: populating changes no data, so a transfer may take the arena while its pages are being
+  made (the pool's :func:`~meshpool.transport.shmpool._allocate` makes what it needs first), and
+  /dev/shm running full is an error in the child, never a SIGBUS.
+
+``MESHPOOL_SHM_ARENA`` sets the size in bytes; ``0`` turns it off. Linux 5.14 or later (older
+kernels refuse ``MADV_POPULATE_WRITE``: the arena is dropped and transfers work as before).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from . import shm
+from .shmpool import MADV_POPULATE_WRITE, SegmentPool, pool_bytes
+
+logger = logging.getLogger("meshpool.arena")
+
+ARENA_BYTES = 256 << 20  # the default size, where memory allows
+ARENA_ENV = "MESHPOOL_SHM_ARENA"
+RAM_SHARE = 16  # by default at most this fraction of RAM per CPU
+
+
+def arena_bytes() -> int:
+    """``MESHPOOL_SHM_ARENA``, or :data:`ARENA_BYTES` but at most the pool's bytes and a
+    sixteenth of RAM per CPU (16 GiB and 8 CPUs: 128 MiB)."""
+    try:
+        return max(0, int(os.environ[ARENA_ENV]))
+    except (KeyError, ValueError):
+        pass
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
+    return min(ARENA_BYTES, pool_bytes(), ram // (RAM_SHARE * (os.cpu_count() or 1)))
+
+
+MAKE_PAGES = (
+    "import mmap, os, sys\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "m = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)\n"
+    f"m.madvise({MADV_POPULATE_WRITE}, {shm.HEADER}, len(m) - {shm.HEADER})\n"
+)
+
+
+class Arena:
+    """The arena of one worker's pool, from its registration to its close (loop thread only)."""
+
+    def __init__(self, pool: SegmentPool) -> None:
+        self.pool = pool
+        self.path: str | None = None
+        self.pid = 0  # the child making its pages, while it runs
+
+    def start(self) -> bool:
+        """Register the arena and start making its pages; False if it is off or cannot be."""
+        size = arena_bytes()
+        if self.path is not None or size < shm.THRESHOLD or not shm.host_key():
+            return False
+        self.path = self.pool.add_arena(size)
+        if self.path is None:
+            return False
+        try:
+            self.pid = os.posix_spawn(
+                sys.executable,
+                [sys.executable, "-S", "-c", MAKE_PAGES, self.path],
+                {},
+                setsigdef=(signal.SIGINT, signal.SIGTERM),
+            )
+        except (OSError, AttributeError, NotImplementedError) as exc:  # (not Linux)
+            logger.debug("no arena: %s", exc)
+            self.pool.arena_made(self.path, False)
+            return False
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(self.pid, os.SCHED_IDLE, os.sched_param(0))
+        return True
+
+    def poll(self) -> None:
+        """On the worker's tick: note the arena made once its child is done."""
+        if not self.pid:
+            return
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # (reaped by someone else: its outcome is unknown)
+            pid, status = self.pid, -1
+        if pid:
+            self.pid = 0
+            made = status == 0  # (a normal exit with code 0)
+            self.pool.arena_made(self.path or "", made)
+
+    def stop(self) -> None:
+        """At the worker's close: the child stops (the pool removes the file)."""
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
