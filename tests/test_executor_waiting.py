@@ -282,6 +282,52 @@ def test_done_callback_exception_is_logged_not_fatal(ex, caplog):
     assert ex.submit(tasks.inc, 2).result(LIVENESS) == 3
 
 
+# --- result() from several threads -------------------------------------------------------------
+
+
+def test_result_times_out_then_every_waiting_thread_gets_the_value(ex, tmp_path):
+    with Gate(ex, tmp_path, "waited", 7) as gate:
+        with pytest.raises(TimeoutError):
+            gate.future.result(0.05)
+        got = []
+        threads = [
+            threading.Thread(target=lambda: got.append(gate.future.result(LIVENESS)))
+            for _ in range(3)
+        ]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(gate.future._waiters) == 3, what="three threads waiting")
+        assert gate.future._cond is None  # (result() waits without a Condition)
+        gate.release()
+        for thread in threads:
+            thread.join(LIVENESS)
+        assert got == [7, 7, 7]
+        assert gate.future._waiters == []
+
+
+def test_a_thread_waiting_in_result_sees_the_cancel(ex, tmp_path):
+    gates = occupy_all(ex, tmp_path)
+    try:
+        queued = ex.submit(tasks.inc, 1)
+        raised = []
+
+        def wait() -> None:
+            try:
+                queued.result(LIVENESS)
+            except cf.CancelledError as exc:
+                raised.append(exc)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        wait_until(lambda: len(queued._waiters) == 1, what="a thread waiting")
+        assert queued.cancel()
+        thread.join(LIVENESS)
+        assert len(raised) == 1
+    finally:
+        for gate in gates:
+            gate.release()
+
+
 # --- cancel ------------------------------------------------------------------------------------
 
 

@@ -220,12 +220,31 @@ class Future(_base.Future):
         else:
             if task_wait_hook is not None and self._state not in _DONE_STATES:
                 timeout = wait_in_task((self,), timeout)
-            value = super().result(timeout)
+            value = self._wait(timeout) if self._cond is None else super().result(timeout)
         if type(value) is Packed:
             value = self._unpack(value.frames)
         elif type(value) is Remote:
             value = self._unpack(self._client.fetch(self.key, timeout))
         return value
+
+    def _wait(self, timeout: float | None) -> Any:
+        """``result()`` of a future nobody made a Condition for: wait on a lock of our own that
+        its completion releases, as a stdlib waiter (a Condition, made and waited on, cost a
+        round trip ~10 µs more, and stayed on the future)."""
+        waiter = _ResultWaiter()
+        if install_waiter(self, waiter):
+            try:
+                waiter.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+            finally:
+                remove_waiter(self, waiter)
+        state = self._state
+        if state == _base.FINISHED:
+            if self._exception is not None:
+                raise self._exception
+            return self._result
+        if state in _CANCELLED_STATES:
+            raise _base.CancelledError()
+        raise _base.TimeoutError()
 
     def _unpack(self, frames: list) -> Any:
         try:
@@ -306,6 +325,21 @@ def _set_done(waiter: asyncio.Future) -> None:
 
 _creation_lock = threading.Lock()
 _DONE_STATES = frozenset((_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED, _base.FINISHED))
+
+
+class _ResultWaiter:
+    """A stdlib-style waiter for one thread in ``result()``: a lock held until the future ends."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+    def add_result(self, future: Any) -> None:
+        self.lock.release()
+
+    add_exception = add_cancelled = add_result
 
 
 def install_waiter(fut: Future, waiter: Any) -> bool:
