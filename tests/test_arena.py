@@ -15,7 +15,8 @@ import uuid
 
 import numpy as np
 import pytest
-from helpers import becomes_true
+import tasks
+from helpers import becomes_true, gate_paths, release, wait_until
 
 import meshpool
 from meshpool.transport import arena, shm, shmpool
@@ -47,7 +48,7 @@ def _allocated(name: str) -> int:
 def _made(pool: SegmentPool) -> str:
     """Start the pool's arena, wait until its pages are made (polling as a worker's tick
     does); its file name."""
-    made = Arena(pool)
+    made = Arena(pool, time.monotonic())
     assert made.start()
     deadline = time.monotonic() + 30
     while made.pid and time.monotonic() < deadline:
@@ -117,17 +118,17 @@ def test_a_transfer_may_take_the_arena_while_its_pages_are_being_made(pool):
 @pytest.mark.timeout(60)
 def test_no_room_or_turned_off_means_no_arena(pool, monkeypatch):
     monkeypatch.setenv("MESHPOOL_SHM_ARENA", "0")
-    assert not Arena(pool).start()
+    assert not Arena(pool, time.monotonic()).start()
     monkeypatch.setenv("MESHPOOL_SHM_ARENA", str(8 * MB))
     monkeypatch.setenv("MESHPOOL_SHM_RESERVE", str(2**62))  # /dev/shm "full"
-    assert not Arena(pool).start()
+    assert not Arena(pool, time.monotonic()).start()
     assert _files(pool) == []
 
 
 @pytest.mark.timeout(60)
 def test_a_closing_worker_stops_the_child_making_its_arena(pool, monkeypatch):
     monkeypatch.setenv("MESHPOOL_SHM_ARENA", str(256 * MB))
-    made = Arena(pool)
+    made = Arena(pool, time.monotonic())
     assert made.start()
     pid = made.pid
     assert os.sched_getscheduler(pid) == os.SCHED_IDLE
@@ -140,7 +141,7 @@ def test_a_closing_worker_stops_the_child_making_its_arena(pool, monkeypatch):
 @pytest.mark.timeout(60)
 def test_a_child_that_fails_leaves_no_arena(pool, monkeypatch):
     monkeypatch.setenv("MESHPOOL_SHM_ARENA", str(8 * MB))
-    made = Arena(pool)
+    made = Arena(pool, time.monotonic())
     assert made.start()
     os.kill(made.pid, 9)  # (as if /dev/shm had run full: any exit but a clean one)
     assert becomes_true(lambda: made.poll() or made.pid == 0)
@@ -192,6 +193,34 @@ def test_a_worker_makes_its_arena_once_registered_and_sends_through_it(monkeypat
         assert name in mapped  # the first big transfer went through the arena
         pids = [first["pid"], second["pid"]]
     assert becomes_true(lambda: not any(_arenas_of(p) for p in pids))  # removed with its worker
+
+
+def test_the_arena_waits_until_the_worker_has_started_no_task_for_a_while(pool, monkeypatch):
+    monkeypatch.setenv("MESHPOOL_SHM_ARENA", str(8 * MB))
+    made = Arena(pool, 0.0)
+    made.tick(0.5, tasks_started=0, busy=False)
+    made.tick(0.9, tasks_started=1, busy=False)  # a task started: idle from here
+    made.tick(1.8, tasks_started=1, busy=True)  # one runs: still not idle
+    made.tick(2.5, tasks_started=1, busy=False)
+    assert not made.tried and _files(pool) == []
+    made.tick(2.5 + arena.SETTLE, tasks_started=1, busy=False)
+    assert made.tried and made.pid
+    made.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_busy_worker_makes_its_arena_only_once_idle(tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHPOOL_SHM_ARENA", str(8 * MB))
+    started, release_path = gate_paths(tmp_path, "busy")
+    with meshpool.Executor(1) as ex:
+        gated = ex.submit(tasks.gated, started, release_path, 1)
+        wait_until(lambda: os.path.exists(started), what="the gated task to start")
+        [worker] = ex.workers()
+        time.sleep(2 * arena.SETTLE)
+        assert _arenas_of(worker["pid"]) == []  # running a task all along
+        release(release_path)
+        assert gated.result(60) == 1
+        assert becomes_true(lambda: len(_arenas_of(worker["pid"])) == 1)
 
 
 @pytest.mark.timeout(120)

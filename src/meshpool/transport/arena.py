@@ -2,18 +2,23 @@
 
 The first big transfer out of a fresh worker used to pay for new tmpfs pages as it copied: on
 this project's VM, 200 MB took ~110 ms to copy into new pages against ~45 ms into pages made
-before, and far more when the host is busy (BENCHMARKS.md, session 6). So once registered, a
-worker registers one free segment of :func:`arena_bytes` in its
-:class:`~meshpool.transport.shmpool.SegmentPool` and has its pages made in the background::
+before, and far more when the host is busy (BENCHMARKS.md, session 6). So a registered worker
+that has been idle for :data:`SETTLE` seconds registers one free segment of :func:`arena_bytes`
+in its :class:`~meshpool.transport.shmpool.SegmentPool` and has its pages made in the
+background::
 
-    worker registered ─▶ pool.add_arena(size) ─▶ posix_spawn(python -S -c MAKE_PAGES path)
-                                                 ─▶ sched_setscheduler(child, SCHED_IDLE)
-    child             ─▶ maps the file, madvise(MADV_POPULATE_WRITE) over its data, exits
-    worker tick       ─▶ waitpid(WNOHANG): exited ─▶ pool.arena_made(path, exit code == 0)
-    worker close      ─▶ SIGKILL the child if it still runs, reap it
+    worker idle SETTLE s ─▶ pool.add_arena(size) ─▶ posix_spawn(python -S -c MAKE_PAGES path)
+                                                    ─▶ sched_setscheduler(child, SCHED_IDLE)
+    child                ─▶ maps the file, madvise(MADV_POPULATE_WRITE) a chunk at a time, exits
+    worker tick          ─▶ waitpid(WNOHANG): exited ─▶ pool.arena_made(path, exit code == 0)
+    worker close         ─▶ SIGKILL the child if it still runs, reap it
 
 How it stays out of everyone's way:
 
+- Idle first: on this VM any process using spare CPU, even at ``SCHED_IDLE``, made a busy
+  cluster's slowest round trips slower (p99 of 1,000 round trips right after start: ~2.7 ms
+  with the arena made at registration, ~1.5 ms without; a spinning ``SCHED_IDLE`` process did
+  the same). So the arena waits until the worker has started no task for :data:`SETTLE` s.
 - ``SCHED_IDLE``: the kernel runs the child (its interpreter's start-up too) only on a CPU
   nothing else wants. The child is set so by the worker, as soon as it exists: ``posix_spawn``
   takes only the classic policies (glibc refuses ``SCHED_IDLE`` there).
@@ -46,6 +51,7 @@ logger = logging.getLogger("meshpool.arena")
 ARENA_BYTES = 256 << 20  # the default size, where memory allows
 ARENA_ENV = "MESHPOOL_SHM_ARENA"
 RAM_SHARE = 16  # by default at most this fraction of RAM per CPU
+SETTLE = 1.0  # seconds a worker has started no task before it makes its arena
 
 
 def arena_bytes() -> int:
@@ -62,24 +68,45 @@ def arena_bytes() -> int:
     return min(ARENA_BYTES, pool_bytes(), ram // (RAM_SHARE * (os.cpu_count() or 1)))
 
 
+# (a chunk at a time: a woken task preempts an idle-priority one only once it is back from the
+# kernel, or at the next tick, 4 ms here; one madvise over the whole arena delayed round trips
+# of a busy cluster by that much)
+CHUNK = 64 << 10
 MAKE_PAGES = (
     "import mmap, os, sys\n"
     "fd = os.open(sys.argv[1], os.O_RDWR)\n"
     "m = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)\n"
-    f"m.madvise({MADV_POPULATE_WRITE}, {shm.HEADER}, len(m) - {shm.HEADER})\n"
+    f"for offset in range({shm.HEADER}, len(m), {CHUNK}):\n"
+    f"    m.madvise({MADV_POPULATE_WRITE}, offset, min({CHUNK}, len(m) - offset))\n"
 )
 
 
 class Arena:
     """The arena of one worker's pool, from its registration to its close (loop thread only)."""
 
-    def __init__(self, pool: SegmentPool) -> None:
+    def __init__(self, pool: SegmentPool, now: float) -> None:
         self.pool = pool
         self.path: str | None = None
         self.pid = 0  # the child making its pages, while it runs
+        self.tried = False
+        self._tasks_seen = 0
+        self._quiet_since = now
+
+    def tick(self, now: float, tasks_started: int, busy: bool) -> None:
+        """On a registered worker's tick: start once it has been idle for :data:`SETTLE` s
+        (``tasks_started`` counts the tasks its slots took, ``busy`` whether one runs now);
+        then note when the pages are made."""
+        if self.tried:
+            self.poll()
+        elif busy or tasks_started != self._tasks_seen:
+            self._tasks_seen = tasks_started
+            self._quiet_since = now
+        elif now - self._quiet_since >= SETTLE:
+            self.start()
 
     def start(self) -> bool:
         """Register the arena and start making its pages; False if it is off or cannot be."""
+        self.tried = True
         size = arena_bytes()
         if self.path is not None or size < shm.THRESHOLD or not shm.host_key():
             return False

@@ -389,6 +389,11 @@ class Slot:
         else:
             parked[1].put(self)
 
+    @property
+    def tasks_started(self) -> int:
+        """Tasks this slot has taken from its queue so far."""
+        return self._popped
+
     def _owned(self) -> bool:
         # only the owner changes the owner, so no lock is needed to ask "is it me?"
         return self._owner is threading.current_thread()

@@ -107,7 +107,7 @@ class Worker:
         self._replica_request = 0
         self._shm_tag = uuid.uuid4().hex[:8]  # names this worker's shared-memory files
         self._shm_pool = SegmentPool(self._shm_tag)  # ...and the segments it reuses
-        self._arena = arena.Arena(self._shm_pool)  # (made once registered, in idle time)
+        self._arena = arena.Arena(self._shm_pool, time.monotonic())  # (made once idle)
         self._last_shm_sweep = time.monotonic()
 
         self.ctrl = control_socket(zmq.DEALER, identity=worker_id.encode())
@@ -325,7 +325,9 @@ class Worker:
             unsent, self._unsent = self._unsent, []
             for msg in unsent:
                 self._send(msg)
-        self._arena.poll()
+        if self.registered:
+            started = sum(slot.tasks_started for slot in self.slots)
+            self._arena.tick(now, started, any(s.current is not None for s in self.slots))
         self._shm_pool.trim()  # (throttled: segments freed by dead receivers, idle ones)
         shm.prune_mappings()  # (throttled: peers' segments whose file is gone)
         if now - self._last_shm_sweep >= SHM_SWEEP_INTERVAL:
@@ -405,7 +407,6 @@ class Worker:
         """The scheduler answers (and pings) only workers it registered."""
         if not self.registered:
             self.registered = True
-            self._arena.start()
             if self.on_registered is not None:
                 self.on_registered()
 
