@@ -148,6 +148,15 @@ def test_a_child_that_fails_leaves_no_arena(pool, monkeypatch):
     assert _files(pool) == []
 
 
+@pytest.mark.timeout(60)
+def test_the_child_fails_quietly_when_its_file_is_gone(tmp_path):
+    """A worker that closes (or trims) removes the file: the child must not print a traceback
+    into the user's terminal, which it shares."""
+    argv = [sys.executable, "-S", "-c", arena.MAKE_PAGES, str(tmp_path / "gone")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stderr == ""
+
+
 def test_the_default_size_leaves_memory_to_everything_else(monkeypatch):
     monkeypatch.delenv("MESHPOOL_SHM_ARENA", raising=False)
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -72,12 +72,15 @@ def arena_bytes() -> int:
 # kernel, or at the next tick, 4 ms here; one madvise over the whole arena delayed round trips
 # of a busy cluster by that much)
 CHUNK = 64 << 10
-MAKE_PAGES = (
+MAKE_PAGES = (  # (quiet when the worker removed the file first: it closed, or trimmed)
     "import mmap, os, sys\n"
-    "fd = os.open(sys.argv[1], os.O_RDWR)\n"
-    "m = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)\n"
-    f"for offset in range({shm.HEADER}, len(m), {CHUNK}):\n"
-    f"    m.madvise({MADV_POPULATE_WRITE}, offset, min({CHUNK}, len(m) - offset))\n"
+    "try:\n"
+    "    fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "    m = mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED)\n"
+    f"    for offset in range({shm.HEADER}, len(m), {CHUNK}):\n"
+    f"        m.madvise({MADV_POPULATE_WRITE}, offset, min({CHUNK}, len(m) - offset))\n"
+    "except OSError:\n"
+    "    sys.exit(1)\n"
 )
 
 
