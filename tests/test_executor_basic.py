@@ -279,6 +279,17 @@ def test_submit_and_map_after_shutdown_raise_runtime_error():
     ex.shutdown()  # twice is fine
 
 
+def test_asking_a_shut_down_executor_raises_at_once_instead_of_timing_out():
+    """Requests after shutdown used to wait out the executor's timeout (a bare TimeoutError)."""
+    ex = meshpool.Executor(1)
+    assert ex.submit(tasks.inc, 1).result(LIVENESS) == 2
+    ex.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        ex.workers()
+    with pytest.raises(RuntimeError, match="shut down"):
+        ex.wait_for_workers(1, timeout=60)
+
+
 def test_shutdown_from_done_callback_does_not_deadlock():
     ex = meshpool.Executor(1)
     called = threading.Event()

@@ -21,6 +21,7 @@ large results that live futures still reference (so ``result()`` works after ``s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -31,6 +32,7 @@ import time
 import uuid
 import weakref
 from concurrent.futures import Future as PlainFuture
+from concurrent.futures import InvalidStateError
 from typing import Any
 
 import zmq
@@ -95,6 +97,7 @@ class ClientCore(Fetching):
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
         self._fds_closed = False
+        self._stopped = False  # the I/O thread has torn down: commands are no longer run
         self.pending: dict[Any, Future] = {}
         # key -> dependency keys while the key is held (written by callers at submit, pruned
         # here on release): what visualize() draws for futures
@@ -198,8 +201,29 @@ class ClientCore(Fetching):
 
     def command(self, *item: Any) -> None:
         self.commands.put(item)
-        if item[0] != "submit" or not self._submit_inline():
+        if self._stopped:  # nobody will run it: what waits for an answer gets the reason now
+            self._fail_queued()
+        elif item[0] != "submit" or not self._submit_inline():
             self.wake()
+
+    def _fail_queued(self) -> None:
+        """The I/O thread has stopped: queued commands' replies fail with why it stopped (a
+        caller asking ``workers()`` after ``shutdown()`` waited out its timeout before)."""
+        exc = self.broken
+        if exc is None or type(exc) is RuntimeError:  # (shut down, not broken)
+            exc = RuntimeError("this meshpool.Executor is shut down: it has no cluster to ask")
+        items = self._deferred.copy()
+        self._deferred.clear()
+        while True:
+            try:
+                items.append(self.commands.get_nowait())
+            except queue.Empty:
+                break
+        for item in items:
+            for arg in item[1:]:
+                if isinstance(arg, PlainFuture) and not arg.done():
+                    with contextlib.suppress(InvalidStateError):
+                        arg.set_exception(exc)
 
     def _submit_inline(self) -> bool:
         """Idle, with the cluster embedded: run the queued submit on the caller's thread, from
@@ -696,6 +720,8 @@ class ClientCore(Fetching):
             logger.exception("could not bring large results home before shutdown")
         if self.broken is None:
             self.broken = RuntimeError("cannot schedule new futures after shutdown")
+        self._stopped = True  # (before the queue is emptied: see command())
+        self._fail_queued()
         for sock in self.data_socks.values():
             sock.close(linger=0)
         self.data_socks.clear()
