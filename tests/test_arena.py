@@ -80,6 +80,7 @@ def test_the_arena_is_made_ahead_and_taken_by_big_frames_only(pool, monkeypatch)
     assert small_spec[0][1] != name
     kept, spec = _send(pool, np.full(4 * MB // 8, 2.0))  # 4 MiB: at least an eighth, the arena
     assert spec[0][1] == name
+    assert pool._segments[name].populated == 4 * MB  # mapped as far as the frame went, not 16
     got = _receive(kept, spec)
     assert bool((got == 2.0).all()) and bool((_receive(small_kept, small_spec) == 1.0).all())
     del got
