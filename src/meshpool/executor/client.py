@@ -212,14 +212,7 @@ class ClientCore(Fetching):
         exc = self.broken
         if exc is None or type(exc) is RuntimeError:  # (shut down, not broken)
             exc = RuntimeError("this meshpool.Executor is shut down: it has no cluster to ask")
-        items = self._deferred.copy()
-        self._deferred.clear()
-        while True:
-            try:
-                items.append(self.commands.get_nowait())
-            except queue.Empty:
-                break
-        for item in items:
+        for item in self._take_commands():
             for arg in item[1:]:
                 if isinstance(arg, PlainFuture) and not arg.done():
                     with contextlib.suppress(InvalidStateError):
@@ -389,15 +382,7 @@ class ClientCore(Fetching):
         message each (a loop of ``submit()`` calls reaches the scheduler as one SubmitTasks).
         Inline (on a caller's thread), only up to the first that may touch a zmq socket: that
         one and the rest wait, in order, for the I/O thread."""
-        # (the same list kept, emptied: a new one per turn, the last one living on, would pin
-        # one of a burst's pymalloc arenas, as for the scheduler's tables)
-        items = self._deferred.copy()
-        self._deferred.clear()
-        while True:
-            try:
-                items.append(self.commands.get_nowait())
-            except queue.Empty:
-                break
+        items = self._take_commands()
         if inline:
             for i, item in enumerate(items):
                 if item[0] not in INLINE_COMMANDS:
@@ -407,6 +392,18 @@ class ClientCore(Fetching):
         # (in order, sent at the end: work after a lane write delays the woken slot, measured
         # here, so the write is the last thing the caller does before it waits)
         self._run_commands(items)
+
+    def _take_commands(self) -> list:
+        """What an inline submit left for the I/O thread, then what is queued, in order."""
+        # (the same list kept, emptied: a new one per turn, the last one living on, would pin
+        # one of a burst's pymalloc arenas, as for the scheduler's tables)
+        items = self._deferred.copy()
+        self._deferred.clear()
+        while True:
+            try:
+                items.append(self.commands.get_nowait())
+            except queue.Empty:
+                return items
 
     def _run_commands(self, items: list) -> None:
         for item in merge_runs(items):

@@ -209,24 +209,36 @@ class SegmentPool:
         mapping[shm._STATE] = shm.SENT
 
     def _create(self, view: memoryview) -> tuple[str, int, int] | None:
-        size = view.nbytes
-        capacity = capacity_for(size)
+        segment = self._new_segment(capacity_for(view.nbytes), view)
+        if segment is None:
+            return None
+        shm._count("sent", view.nbytes)
+        return segment.name, view.nbytes, segment.generation
+
+    def _new_segment(self, capacity: int, view: memoryview | None) -> _Segment | None:
+        """A new file of ``capacity`` data bytes, registered: sent with ``view`` written into it
+        (``pwrite``: tmpfs pages allocated without zeroing), or with ``view`` None the arena,
+        free and with no pages yet. None without room, or if the pool closed meanwhile."""
         if not shm.has_room(shm.HEADER + capacity):
             return None
-        name = f"{shm.file_prefix(self.tag)}{shm.POOL_MARK[1:]}{uuid.uuid4().hex}"
+        kind = "" if view is not None else "arena-"
+        name = f"{shm.file_prefix(self.tag)}{shm.POOL_MARK[1:]}{kind}{uuid.uuid4().hex}"
         path = os.path.join(shm.SHM_DIR, name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError:
             return None
+        size = 0 if view is None else view.nbytes
         try:
             os.ftruncate(fd, shm.HEADER + capacity)
             header = bytearray(shm.HEADER)
             header[:8] = shm.MAGIC
-            header[shm._STATE] = shm.SENT
-            shm._SENT.pack_into(header, 16, 1, size, time.time())
+            if view is not None:
+                header[shm._STATE] = shm.SENT
+                shm._SENT.pack_into(header, 16, 1, size, time.time())
             os.pwrite(fd, header, 0)
-            shm.write_all(fd, view, shm.HEADER)
+            if view is not None:
+                shm.write_all(fd, view, shm.HEADER)
             mapping = mmap.mmap(fd, shm.HEADER + capacity, flags=mmap.MAP_SHARED)
             inode = os.fstat(fd).st_ino
         except OSError:  # full after all (a race with another writer)
@@ -235,13 +247,15 @@ class SegmentPool:
         finally:
             os.close(fd)
         segment = _Segment(name, capacity, mapping, size, inode)
+        if view is None:
+            segment.arena = True
+            self._now_free(segment)
         with self._lock:
             if self.closed:  # closed meanwhile: this one goes too
                 self._remove(segment)
                 return None
             self._segments[name] = segment
-        shm._count("sent", size)
-        return name, size, segment.generation
+        return segment
 
     def cancel(self, name: str, generation: int) -> None:
         """A message naming this segment could not be sent: it is free again."""
@@ -310,25 +324,8 @@ class SegmentPool:
 
         Idle trims keep the arena; ``tidy(force=True)`` (memory pressure) removes it. A transfer
         may take it before its pages are all made: :func:`_allocate` makes the rest."""
-        capacity = capacity_for(nbytes)
-        if not self.enabled or not shm.has_room(shm.HEADER + capacity):
-            return None
-        name = f"{shm.file_prefix(self.tag)}{shm.POOL_MARK[1:]}arena-{uuid.uuid4().hex}"
-        path = os.path.join(shm.SHM_DIR, name)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError:
-            return None
-        try:
-            segment = self._new_arena(fd, name, capacity)
-        except OSError:
-            segment = None
-        finally:
-            os.close(fd)
-        if segment is None:
-            shm._unlink(path)
-            return None
-        return path
+        segment = self._new_segment(capacity_for(nbytes), None) if self.enabled else None
+        return None if segment is None else os.path.join(shm.SHM_DIR, segment.name)
 
     def arena_made(self, path: str, made: bool) -> None:
         """The arena's pages are all allocated (``made``), or could not be (/dev/shm is full:
@@ -341,24 +338,6 @@ class SegmentPool:
                 segment.written = segment.capacity
             elif not segment.busy:
                 self._drop(segment)
-
-    def _new_arena(self, fd: int, name: str, capacity: int) -> _Segment | None:
-        """The arena's file, header and mapping, registered free (its pages not yet made)."""
-        os.ftruncate(fd, shm.HEADER + capacity)
-        header = bytearray(shm.HEADER)
-        header[:8] = shm.MAGIC
-        header[shm._STATE] = shm.FREE
-        os.pwrite(fd, header, 0)
-        mapping = mmap.mmap(fd, shm.HEADER + capacity, flags=mmap.MAP_SHARED)
-        segment = _Segment(name, capacity, mapping, 0, os.fstat(fd).st_ino)
-        segment.arena = True
-        self._now_free(segment)
-        with self._lock:
-            if self.closed:
-                self._remove(segment)
-                return None
-            self._segments[name] = segment
-        return segment
 
     def close(self) -> None:
         """Remove every segment (at the owner's exit); receivers' views stay valid."""
