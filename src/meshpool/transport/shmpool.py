@@ -13,9 +13,10 @@ big frames through, and sends the next frames through them again::
               and never taken within shm.EXPIRY is removed (never reused: a receiver may still
               be reading it); free segments idle for POOL_IDLE s, or beyond MESHPOOL_SHM_POOL
               bytes of them, are removed
-    arena:    (:meth:`SegmentPool.prefault`, workers only) one free segment whose pages are
-              allocated ahead, in an idle-priority thread, so that even the first big transfer
-              is a copy into existing pages: kept until the owner exits or memory runs short
+    arena:    (:meth:`SegmentPool.add_arena`, workers only, ``arena.py``) one free segment
+              whose pages an idle-priority child process makes ahead, so that even the first
+              big transfer copies into existing pages: kept until the owner exits or memory runs
+              short
 
 A segment is written only while FREE, so a view handed to a receiver stays valid for as long as
 the receiver holds it, however long that is; meanwhile other transfers use other segments. Names
@@ -94,7 +95,7 @@ class _Segment:
         self.busy = True  # handed out; free again when its receiver says so
         self.sent_at = time.time()
         self.idle_since = 0  # (a pinning.stamp())
-        self.arena = False  # made ahead by prefault(): kept while idle, taken by smaller frames
+        self.arena = False  # the arena (add_arena): kept while idle, taken by smaller frames
 
 
 def _same_file(segment: _Segment) -> bool:
