@@ -48,7 +48,7 @@ def _allocated(name: str) -> int:
 def _made(pool: SegmentPool) -> str:
     """Start the pool's arena, wait until its pages are made (polling as a worker's tick
     does); its file name."""
-    made = Arena(pool, time.monotonic())
+    made = Arena(pool, time.monotonic(), local=True)
     assert made.start()
     deadline = time.monotonic() + 30
     while made.pid and time.monotonic() < deadline:
@@ -119,17 +119,17 @@ def test_a_transfer_may_take_the_arena_while_its_pages_are_being_made(pool):
 @pytest.mark.timeout(60)
 def test_no_room_or_turned_off_means_no_arena(pool, monkeypatch):
     monkeypatch.setenv("MESHPOOL_SHM_ARENA", "0")
-    assert not Arena(pool, time.monotonic()).start()
+    assert not Arena(pool, time.monotonic(), local=True).start()
     monkeypatch.setenv("MESHPOOL_SHM_ARENA", str(8 * MB))
     monkeypatch.setenv("MESHPOOL_SHM_RESERVE", str(2**62))  # /dev/shm "full"
-    assert not Arena(pool, time.monotonic()).start()
+    assert not Arena(pool, time.monotonic(), local=True).start()
     assert _files(pool) == []
 
 
 @pytest.mark.timeout(60)
 def test_a_closing_worker_stops_the_child_making_its_arena(pool, monkeypatch):
     monkeypatch.setenv("MESHPOOL_SHM_ARENA", str(256 * MB))
-    made = Arena(pool, time.monotonic())
+    made = Arena(pool, time.monotonic(), local=True)
     assert made.start()
     pid = made.pid
     assert os.sched_getscheduler(pid) == os.SCHED_IDLE
@@ -142,7 +142,7 @@ def test_a_closing_worker_stops_the_child_making_its_arena(pool, monkeypatch):
 @pytest.mark.timeout(60)
 def test_a_child_that_fails_leaves_no_arena(pool, monkeypatch):
     monkeypatch.setenv("MESHPOOL_SHM_ARENA", str(8 * MB))
-    made = Arena(pool, time.monotonic())
+    made = Arena(pool, time.monotonic(), local=True)
     assert made.start()
     os.kill(made.pid, 9)  # (as if /dev/shm had run full: any exit but a clean one)
     assert becomes_true(lambda: made.poll() or made.pid == 0)
@@ -207,13 +207,27 @@ def test_a_worker_makes_its_arena_once_registered_and_sends_through_it(monkeypat
 
 def test_the_arena_waits_until_the_worker_has_started_no_task_for_a_while(pool, monkeypatch):
     monkeypatch.setenv("MESHPOOL_SHM_ARENA", str(8 * MB))
-    made = Arena(pool, 0.0)
+    made = Arena(pool, 0.0, local=True)
     made.tick(0.5, tasks_started=0, busy=False)
     made.tick(0.9, tasks_started=1, busy=False)  # a task started: idle from here
     made.tick(1.8, tasks_started=1, busy=True)  # one runs: still not idle
     made.tick(2.5, tasks_started=1, busy=False)
     assert not made.tried and _files(pool) == []
     made.tick(2.5 + arena.SETTLE, tasks_started=1, busy=False)
+    assert made.tried and made.pid
+    made.stop()
+
+
+def test_outside_a_local_cluster_the_arena_waits_for_shared_memory_traffic(pool, monkeypatch):
+    """A worker alone on its host (a remote cluster) would hold the arena's memory for nothing."""
+    monkeypatch.setenv("MESHPOOL_SHM_ARENA", str(8 * MB))
+    counts = {"sent": 0, "received": 0}
+    monkeypatch.setattr(shm, "statistics", lambda: dict(counts))
+    made = Arena(pool, 0.0, local=False)
+    made.tick(10.0, tasks_started=0, busy=False)
+    assert not made.tried
+    counts["received"] = 4 * MB  # a peer on this host sent it something big
+    made.tick(11.0, tasks_started=0, busy=False)
     assert made.tried and made.pid
     made.stop()
 

@@ -3,7 +3,8 @@
 The first big transfer out of a fresh worker used to pay for new tmpfs pages as it copied: on
 this project's VM, 200 MB took ~110 ms to copy into new pages against ~45 ms into pages made
 before, and far more when the host is busy (BENCHMARKS.md, session 6). So a registered worker
-that has been idle for :data:`SETTLE` seconds registers one free segment of :func:`arena_bytes`
+that has been idle for :data:`SETTLE` seconds (and, outside a local cluster, has moved data
+through shared memory: only peers on its host could use the arena) registers one free segment of :func:`arena_bytes`
 in its :class:`~meshpool.transport.shmpool.SegmentPool` and has its pages made in the
 background::
 
@@ -84,11 +85,17 @@ MAKE_PAGES = (  # (quiet when the worker removed the file first: it closed, or t
 )
 
 
+def _shm_used() -> bool:
+    counts = shm.statistics()
+    return bool(counts["sent"] or counts["received"])
+
+
 class Arena:
     """The arena of one worker's pool, from its registration to its close (loop thread only)."""
 
-    def __init__(self, pool: SegmentPool, now: float) -> None:
+    def __init__(self, pool: SegmentPool, now: float, local: bool) -> None:
         self.pool = pool
+        self.local = local  # in a local cluster: its client and peers share our host
         self.path: str | None = None
         self.pid = 0  # the child making its pages, while it runs
         self.tried = False
@@ -97,14 +104,15 @@ class Arena:
 
     def tick(self, now: float, tasks_started: int, busy: bool) -> None:
         """On a registered worker's tick: start once it has been idle for :data:`SETTLE` s
-        (``tasks_started`` counts the tasks its slots took, ``busy`` whether one runs now);
-        then note when the pages are made."""
+        (``tasks_started`` counts the tasks its slots took, ``busy`` whether one runs now) and,
+        outside a local cluster, has moved data through shared memory (a worker alone on its
+        host would never use the arena); then note when the pages are made."""
         if self.tried:
             self.poll()
         elif busy or tasks_started != self._tasks_seen:
             self._tasks_seen = tasks_started
             self._quiet_since = now
-        elif now - self._quiet_since >= SETTLE:
+        elif now - self._quiet_since >= SETTLE and (self.local or _shm_used()):
             self.start()
 
     def start(self) -> bool:

@@ -107,7 +107,8 @@ class Worker:
         self._replica_request = 0
         self._shm_tag = uuid.uuid4().hex[:8]  # names this worker's shared-memory files
         self._shm_pool = SegmentPool(self._shm_tag)  # ...and the segments it reuses
-        self._arena = arena.Arena(self._shm_pool, time.monotonic())  # (made once idle)
+        local = scheduler_address.startswith("ipc://")  # (a local cluster: all on this host)
+        self._arena = arena.Arena(self._shm_pool, time.monotonic(), local)  # (made once idle)
         self._last_shm_sweep = time.monotonic()
 
         self.ctrl = control_socket(zmq.DEALER, identity=worker_id.encode())
