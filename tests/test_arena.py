@@ -103,6 +103,17 @@ def test_idle_trims_keep_the_arena_and_memory_pressure_removes_it(pool, monkeypa
 
 
 @pytest.mark.timeout(60)
+def test_an_arena_free_for_long_is_removed(pool, monkeypatch):
+    monkeypatch.setenv("MESHPOOL_SHM_ARENA", str(8 * MB))
+    _made(pool)
+    pool.tidy()
+    assert len(_files(pool)) == 1
+    monkeypatch.setattr(shmpool, "ARENA_IDLE", 0.0)
+    pool.tidy()
+    assert _files(pool) == []
+
+
+@pytest.mark.timeout(60)
 def test_a_transfer_may_take_the_arena_while_its_pages_are_being_made(pool):
     path = pool.add_arena(32 * MB)
     assert path is not None and _allocated(os.path.basename(path)) < MB  # nothing made yet

@@ -27,7 +27,8 @@ How it stays out of everyone's way:
   worker's own ``mmap`` calls then wait for (start-up took ~50 ms longer with a thread here),
   and an idle-priority thread would take the worker's GIL at idle priority.
 - Memory: the child's mapping goes with it, so the pages count in no process's RSS until a
-  transfer maps them; a worker's memory limit sees nothing new.
+  transfer maps them; a worker's memory limit sees nothing new. By default a worker per CPU
+  holds ~3 % of RAM in arenas, and an arena free for ten minutes is removed (``ARENA_IDLE``).
 - Data: populating changes no data, so a transfer may take the arena while its pages are being
   made (the pool's :func:`~meshpool.transport.shmpool._allocate` makes what it needs first), and
   /dev/shm running full is an error in the child, never a SIGBUS.
@@ -51,13 +52,13 @@ logger = logging.getLogger("meshpool.arena")
 
 ARENA_BYTES = 256 << 20  # the default size, where memory allows
 ARENA_ENV = "MESHPOOL_SHM_ARENA"
-RAM_SHARE = 16  # by default at most this fraction of RAM per CPU
+RAM_SHARE = 32  # by default at most this fraction of RAM per CPU (a worker per CPU: ~3 %)
 SETTLE = 1.0  # seconds a worker has started no task before it makes its arena
 
 
 def arena_bytes() -> int:
     """``MESHPOOL_SHM_ARENA``, or :data:`ARENA_BYTES` but at most the pool's bytes and a
-    sixteenth of RAM per CPU (16 GiB and 8 CPUs: 128 MiB)."""
+    thirty-second of RAM per CPU (16 GiB and 8 CPUs: 64 MiB each, 512 MiB for 8 workers)."""
     try:
         return max(0, int(os.environ[ARENA_ENV]))
     except (KeyError, ValueError):

@@ -15,8 +15,8 @@ big frames through, and sends the next frames through them again::
               bytes of them, are removed
     arena:    (:meth:`SegmentPool.add_arena`, workers only, ``arena.py``) one free segment
               whose pages an idle-priority child process makes ahead, so that even the first
-              big transfer copies into existing pages: kept until the owner exits or memory runs
-              short
+              big transfer copies into existing pages: kept until idle for ARENA_IDLE s, the
+              owner exits, or memory runs short
 
 A segment is written only while FREE, so a view handed to a receiver stays valid for as long as
 the receiver holds it, however long that is; meanwhile other transfers use other segments. Names
@@ -40,6 +40,7 @@ from ..pinning import since, stamp
 from . import shm
 
 POOL_IDLE = 60.0  # seconds a free segment is kept for reuse
+ARENA_IDLE = 600.0  # ...and the arena (an idle cluster gives its memory back)
 POOL_BYTES = 1 << 30  # free segments kept at most, per pool (or an eighth of /dev/shm if less)
 TRIM_INTERVAL = 1.0  # seconds between trims on the owner's tick
 MADV_POPULATE_READ = 22  # Linux 5.14+ (the mmap module names them from Python 3.13 only)
@@ -284,12 +285,15 @@ class SegmentPool:
                 if segment.busy:
                     self._check_busy(segment)
             free = sorted(
-                (s for s in self._segments.values() if not s.busy and (force or not s.arena)),
-                key=lambda s: s.idle_since,
+                (s for s in self._segments.values() if not s.busy), key=lambda s: s.idle_since
             )
-            kept = sum(s.capacity for s in free)
+            kept = sum(s.capacity for s in free if not s.arena)
             for segment in free:  # oldest first
-                if force or kept > self.keep or since(now, segment.idle_since) > POOL_IDLE:
+                idle = since(now, segment.idle_since)
+                if segment.arena:  # (not counted in the pool's bytes, kept longer)
+                    if force or idle > ARENA_IDLE:
+                        self._drop(segment)
+                elif force or kept > self.keep or idle > POOL_IDLE:
                     kept -= segment.capacity
                     self._drop(segment)
 
@@ -323,8 +327,9 @@ class SegmentPool:
         pages someone is about to allocate (``transport/arena.py``), so that even the first big
         transfer through it copies into existing pages. Its path, or None (no room, no pool).
 
-        Idle trims keep the arena; ``tidy(force=True)`` (memory pressure) removes it. A transfer
-        may take it before its pages are all made: :func:`_allocate` makes the rest."""
+        Trims keep it until it has been free for :data:`ARENA_IDLE` s (other segments: POOL_IDLE)
+        or memory runs short (``tidy(force=True)``). A transfer may take it before its pages are
+        all made: :func:`_allocate` makes the rest."""
         segment = self._new_segment(capacity_for(nbytes), None) if self.enabled else None
         return None if segment is None else os.path.join(shm.SHM_DIR, segment.name)
 
