@@ -229,8 +229,8 @@ class Future(_base.Future):
 
     def _wait(self, timeout: float | None) -> Any:
         """``result()`` of a future nobody made a Condition for: wait on a lock of our own that
-        its completion releases, as a stdlib waiter (a Condition, made and waited on, cost a
-        round trip ~10 µs more, and stayed on the future)."""
+        its completion releases, as a stdlib waiter. A Condition, made and waited on, was ~5 %
+        of the caller's py-spy samples in a round-trip loop, and stayed on the future (~1 KB)."""
         waiter = _ResultWaiter()
         if install_waiter(self, waiter):
             try:

@@ -104,23 +104,24 @@ class Arena:
         self._quiet_since = now
 
     def tick(self, now: float, tasks_started: int, busy: bool) -> None:
-        """On a registered worker's tick: start once it has been idle for :data:`SETTLE` s
-        (``tasks_started`` counts the tasks its slots took, ``busy`` whether one runs now) and,
-        outside a local cluster, has moved data through shared memory (a worker alone on its
-        host would never use the arena); then note when the pages are made."""
-        if self.tried:
-            self.poll()
-        elif busy or tasks_started != self._tasks_seen:
+        """On a registered worker's tick, until :attr:`tried`: start once it has been idle for
+        :data:`SETTLE` s (``tasks_started`` counts the tasks its slots took, ``busy`` whether one
+        runs now) and, outside a local cluster, has moved data through shared memory (a worker
+        alone on its host would never use the arena)."""
+        if busy or tasks_started != self._tasks_seen:
             self._tasks_seen = tasks_started
             self._quiet_since = now
         elif now - self._quiet_since >= SETTLE and (self.local or _shm_used()):
             self.start()
 
     def start(self) -> bool:
-        """Register the arena and start making its pages; False if it is off or cannot be."""
+        """Register the arena and start making its pages (once); False if it is off or cannot
+        be."""
+        if self.tried:
+            return False
         self.tried = True
         size = arena_bytes()
-        if self.path is not None or size < shm.THRESHOLD or not shm.host_key():
+        if size < shm.THRESHOLD or not shm.host_key():
             return False
         self.path = self.pool.add_arena(size)
         if self.path is None:

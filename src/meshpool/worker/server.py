@@ -326,9 +326,10 @@ class Worker:
             unsent, self._unsent = self._unsent, []
             for msg in unsent:
                 self._send(msg)
-        if self.registered:
+        if self.registered and not self._arena.tried:
             started = sum(slot.tasks_started for slot in self.slots)
             self._arena.tick(now, started, any(s.current is not None for s in self.slots))
+        self._arena.poll()  # (its pages made yet?)
         self._shm_pool.trim()  # (throttled: segments freed by dead receivers, idle ones)
         shm.prune_mappings()  # (throttled: peers' segments whose file is gone)
         if now - self._last_shm_sweep >= SHM_SWEEP_INTERVAL:
