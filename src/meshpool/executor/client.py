@@ -54,12 +54,17 @@ from .commands import INLINE_COMMANDS, merge_runs
 from .connecting import connect_to_scheduler
 from .fetching import FETCH_TIMEOUT, Fetching, FetchRequest
 from .future import Future, Packed, Remote
+from .interrupts import HeldInterrupts
+from .reaping import Reaper
 
 logger = logging.getLogger("meshpool.client")
 
 SCHEDULER_SILENCE = 10.0  # no word from a remote scheduler this long: it is lost
 POLL_MS = 100
 RELEASES_BEFORE_WAKE = 256  # queued commands at which a release wakes the I/O thread
+# what a caller's thread running the state inline may handle itself: these only complete
+# futures; the rest (fetches, a broken cluster) may touch zmq sockets, and wait for the loop
+_INLINE_MESSAGES = frozenset({m.TaskDone, m.TaskErred, m.TasksCancelled, m.CancelReply, m.Reply})
 COMPACT_INTERVAL = 1.0  # seconds between checks for emptied-out tables
 
 _live_cores: weakref.WeakSet = weakref.WeakSet()
@@ -89,6 +94,9 @@ class ClientCore(Fetching):
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self._deferred: list = []  # commands an inline submit left for the I/O thread, in order
         self._results: list | None = None  # (future, result) to complete at the end of a turn
+        self._inline = False  # a caller's thread runs the state (an idle submit, a reaping wait)
+        self._deferred_messages: list = []  # what an inline run got that touches zmq sockets
+        self._reaper: Reaper | None = None  # embedded: result() reads the lanes (reaping.py)
         # held by whoever runs the client's state: the I/O thread each time it wakes, or a
         # caller submitting to an idle local cluster (see command())
         self._loop_lock = threading.Lock()
@@ -179,6 +187,9 @@ class ClientCore(Fetching):
             remove_directory(self.directory)
             raise
         self.server.on_worker_added = self._worker_registered
+        if self.server.has_lanes:
+            self._reaper = Reaper()
+            self.server.watch_lanes(self._reaper.epoll)
 
     def _spawn_workers(self) -> None:
         try:
@@ -229,14 +240,46 @@ class ClientCore(Fetching):
         if not self._loop_lock.acquire(blocking=False):
             return False
         try:
+            self._inline = True
             self.server.inline_begin()
             try:
                 self._drain_commands(inline=True)
             finally:
                 more = self.server.inline_end()
-            return not (more or self._deferred)
+                self._inline = False
+            return not (more or self._deferred or self._deferred_messages)
         finally:
             self._loop_lock.release()
+
+    def reap(self, fut: Future, timeout: float | None) -> bool:
+        """``result()`` with the cluster embedded: wait for ``fut`` on the lanes, in this thread
+        (``reaping.py``). True when it is done or ``timeout`` passed; False: wait as usual."""
+        reaper = self._reaper
+        if (
+            reaper is None
+            or self.broken is not None
+            or os.getpid() != self.pid
+            or threading.current_thread() is self.thread
+        ):
+            return False
+        return reaper.wait(fut, timeout, self._reap_lanes)
+
+    def _reap_lanes(self, events: list[tuple[int, int]]) -> bool:
+        """Run what arrived on ready lanes through the state machine, here; False if the I/O
+        thread has stopped (nothing runs the state any more)."""
+        with HeldInterrupts(), self._loop_lock:  # (Ctrl-C halfway would lose messages)
+            if self._stopped:
+                return False
+            self._inline = True
+            self.server.inline_begin()
+            try:
+                self.server.handle_lane_events(events)
+            finally:
+                more = self.server.inline_end()
+                self._inline = False
+        if more or self._deferred_messages:
+            self.wake()
+        return True
 
     def release_soon(self, key: Any) -> None:
         """Called by future finalizers (anywhere, any time): only enqueue. The I/O thread reads
@@ -350,6 +393,10 @@ class ClientCore(Fetching):
             # again with its byte read here, and the next wake() would write nothing
             # (a command stuck until the poll timeout)
             self._wake_pending = False
+        if self._deferred_messages:  # (left by an inline run, in order)
+            deferred, self._deferred_messages = self._deferred_messages, []
+            for msg in deferred:
+                self._on_message(msg)
         self._hold()  # what the commands send goes out batched
         try:
             self._drain_commands()
@@ -562,6 +609,10 @@ class ClientCore(Fetching):
                 self._on_message(msg)
 
     def _on_message(self, msg: Any) -> None:
+        if self._inline and (self._deferred_messages or type(msg) not in _INLINE_MESSAGES):
+            # (for the loop, see _turn; and what follows one, to keep their order)
+            self._deferred_messages.append(msg)
+            return
         handler = self._handlers.get(type(msg))
         if handler is None:
             logger.warning("dropping unexpected %s from the scheduler", type(msg).__name__)
@@ -732,6 +783,8 @@ class ClientCore(Fetching):
             self.cluster.close()
         if self.server is not None:
             self.server.close()
+        if self._reaper is not None:
+            self._reaper.close()
         self.shm_pool.close()
         shm.remove_own(self.prefix)  # data sent to workers that never took it in
         shm.prune_mappings(force=True)  # workers' segments mapped here: no tick will prune them

@@ -231,12 +231,13 @@ class Future(_base.Future):
         """``result()`` of a future nobody made a Condition for: wait on a lock of our own that
         its completion releases, as a stdlib waiter. A Condition, made and waited on, was ~5 %
         of the caller's py-spy samples in a round-trip loop, and stayed on the future (~1 KB)."""
-        waiter = _ResultWaiter()
-        if install_waiter(self, waiter):
-            try:
-                waiter.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
-            finally:
-                remove_waiter(self, waiter)
+        if not self._client.reap(self, timeout):  # (embedded: read the lanes in this thread)
+            waiter = _ResultWaiter()
+            if install_waiter(self, waiter):
+                try:
+                    waiter.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+                finally:
+                    remove_waiter(self, waiter)
         state = self._state
         if state == _base.FINISHED:
             if self._exception is not None:

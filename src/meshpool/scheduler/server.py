@@ -25,8 +25,10 @@ the GIL for minutes while libzmq keeps answering heartbeats.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -50,6 +52,8 @@ logger = logging.getLogger("meshpool.scheduler")
 # every lane event; py-spy found them in 5 % of the I/O thread's samples of a round-trip loop)
 _POLLOUT = int(zmq.POLLOUT)
 _POLLIN_OR_ERR = int(zmq.POLLIN | zmq.POLLERR)
+# a lane's readiness in the epoll sets below (exclusive: see ``watch_lanes``)
+_LANE_READABLE = select.EPOLLIN | select.EPOLLEXCLUSIVE
 
 PING_INTERVAL = 0.5  # seconds between liveness pings to every peer
 UNRESPONSIVE_AFTER = 60.0  # a worker silent this long is reported unresponsive (not dead)
@@ -78,6 +82,10 @@ class SchedulerServer:
         self._lanes: dict[str, lanes.Lane] = {}  # slot peer id -> its lane (transport/lanes.py)
         self._lane_fds: dict[int, lanes.Lane] = {}  # every open lane, named or not yet
         self._writing: set[int] = set()  # lanes watched for POLLOUT (their kernel buffer filled)
+        # lanes' readability: the loop's poller watches ``_lane_epoll``; a caller's thread may
+        # wait on an epoll set of its own, registered first (see watch_lanes)
+        self._lane_epoll = select.epoll() if self._listener is not None else None
+        self._lane_watchers: list[select.epoll] = []
         self._dropped_inline: list[lanes.Lane] = []  # lanes an inline send found closed
         self._poller: zmq.Poller | None = None
         self.local_client = local_client
@@ -106,6 +114,8 @@ class SchedulerServer:
             self._listener.close()
         for lane in list(self._lane_fds.values()):
             self._drop_lane(lane)
+        if self._lane_epoll is not None:
+            self._lane_epoll.close()
         for marker in self._markers.values():
             marker.close()
         self._markers.clear()
@@ -154,6 +164,22 @@ class SchedulerServer:
         poller.register(self.router, zmq.POLLIN)
         if self._listener is not None:
             poller.register(self._listener.fd, zmq.POLLIN)
+        if self._lane_epoll is not None:
+            poller.register(self._lane_epoll.fileno(), zmq.POLLIN)
+
+    @property
+    def has_lanes(self) -> bool:
+        return self._lane_epoll is not None
+
+    def watch_lanes(self, epoll: select.epoll) -> None:
+        """Register every lane, from now on, in ``epoll`` too, before the loop's own set: a
+        thread waiting in ``epoll.poll`` then reads what arrives and the loop's thread is not
+        woken. The lanes are registered exclusive (``EPOLLEXCLUSIVE``) in both sets, and the
+        kernel offers a wake-up to each set in the order registered until one has a thread
+        waiting; with none waiting on ``epoll`` it goes on to the loop's. What the waiting
+        thread is told about it must handle (:meth:`handle_lane_events`, inline): the loop's
+        set is not told. Call before lanes connect (lanes already there are not added)."""
+        self._lane_watchers.append(epoll)
 
     def handle_events(self, events: dict) -> None:
         """Handle what has arrived (up to :data:`MAX_BATCH` messages from the ROUTER, and what
@@ -167,12 +193,25 @@ class SchedulerServer:
                 self._receive_batch(now)
             if self._listener is not None and self._listener.fd in events:
                 self._accept_lanes()
-            for fd, flags in events.items():
+            if self._lane_epoll is not None and self._lane_epoll.fileno() in events:
+                self._on_lane_events(self._lane_epoll.poll(0), now)
+            for fd, flags in events.items():  # (a lane is in the poller only for POLLOUT)
                 lane = self._lane_fds.get(fd) if type(fd) is int else None
                 if lane is not None:
                     self._on_lane_event(lane, flags, now)
         finally:
             self.release()
+
+    def handle_lane_events(self, events: list[tuple[int, int]]) -> None:
+        """Handle lanes an epoll set of :meth:`watch_lanes` found readable (inline, on the
+        thread that waited there)."""
+        self._on_lane_events(events, time.monotonic())
+
+    def _on_lane_events(self, events: list[tuple[int, int]], now: float) -> None:
+        for fd, _ in events:
+            lane = self._lane_fds.get(fd)
+            if lane is not None and not lane.closed:
+                self._on_lane_event(lane, _POLLIN_OR_ERR, now)
 
     def hold(self) -> None:
         """Keep what is sent to peers until the matching :meth:`release` (calls nest)."""
@@ -235,10 +274,11 @@ class SchedulerServer:
     # --- lanes (transport/lanes.py) -----------------------------------------------------------
 
     def _accept_lanes(self) -> None:
-        assert self._listener is not None and self._poller is not None
+        assert self._listener is not None and self._lane_epoll is not None
         for lane in self._listener.accept():
             self._lane_fds[lane.fd] = lane
-            self._poller.register(lane.fd, zmq.POLLIN)
+            for epoll in [*self._lane_watchers, self._lane_epoll]:  # (in this order)
+                epoll.register(lane.fd, _LANE_READABLE)
 
     def _on_lane_event(self, lane: lanes.Lane, flags: int, now: float) -> None:
         if flags & _POLLOUT:
@@ -279,8 +319,10 @@ class SchedulerServer:
             pass  # (the read that follows, or the next send, finds it closed)
         watching = lane.fd in self._writing
         if lane.wants_write != watching and self._poller is not None and not lane.closed:
-            flags = zmq.POLLIN | (zmq.POLLOUT if lane.wants_write else 0)
-            self._poller.modify(lane.fd, flags)
+            if lane.wants_write:
+                self._poller.register(lane.fd, zmq.POLLOUT)
+            else:
+                self._poller.unregister(lane.fd)
             self._writing.symmetric_difference_update({lane.fd})
 
     def _drop_lane(self, lane: lanes.Lane) -> None:
@@ -290,11 +332,16 @@ class SchedulerServer:
         loop's.)"""
         if self._lanes.get(lane.peer) is lane:
             del self._lanes[lane.peer]
+        for epoll in [*self._lane_watchers, self._lane_epoll]:  # (any thread may)
+            if epoll is not None:
+                with contextlib.suppress(OSError, ValueError):  # (not there, or closed)
+                    epoll.unregister(lane.fd)
         lane.closed = True
         if self._inline:
             self._dropped_inline.append(lane)
             return
-        if self._lane_fds.pop(lane.fd, None) is not None and self._poller is not None:
+        self._lane_fds.pop(lane.fd, None)
+        if lane.fd in self._writing and self._poller is not None:
             self._poller.unregister(lane.fd)
         self._writing.discard(lane.fd)
         lane.close()
