@@ -55,6 +55,7 @@ class Reaper:
         self.epoll.register(self._signal_fd, select.EPOLLIN)
         self._turn = threading.Lock()  # held by the one thread reaping
         self._closed = False
+        self.turns = 0  # times a waiting caller's thread handled lanes (for tests and stats)
 
     def wait(self, fut: Any, timeout: float | None, handle: LaneHandler) -> bool:
         """Wait for ``fut`` here, passing lane events to ``handle`` (which returns False once
@@ -90,8 +91,10 @@ class Reaper:
                     os.eventfd_read(signal_fd)
                 events = [e for e in events if e[0] != signal_fd]
             # (what the kernel woke us for, the I/O thread was not told: handled here, always)
-            if events and not handle(events):
-                return fut._state in _DONE_STATES
+            if events:
+                self.turns += 1
+                if not handle(events):
+                    return fut._state in _DONE_STATES
             if self._closed:
                 return fut._state in _DONE_STATES
         return True

@@ -1,0 +1,161 @@
+"""A caller's thread blocked in ``result()`` reads its result off the lanes itself
+(``executor/reaping.py``); everything else a waiting caller relies on still holds."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import threading
+import time
+
+import pytest
+import tasks
+from helpers import LIVENESS, gate_paths, release, run_script, wait_until, write_script
+
+import meshpool
+
+
+@pytest.fixture
+def ex1():
+    ex = meshpool.Executor(1)
+    ex.wait_for_workers(1, timeout=LIVENESS)
+    yield ex
+    ex.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_the_waiting_thread_reads_the_results(ex1):
+    reaper = ex1._core._reaper
+    assert reaper is not None  # an embedded cluster has lanes
+    before = reaper.turns
+    assert [ex1.submit(tasks.inc, i).result(LIVENESS) for i in range(50)] == list(range(1, 51))
+    # each result woke the waiting thread, not the I/O thread (which would leave turns alone)
+    assert reaper.turns - before >= 25
+
+
+@pytest.mark.timeout(60)
+def test_no_reaping_without_lanes(monkeypatch):
+    monkeypatch.setenv("MESHPOOL_LANES", "0")
+    with meshpool.Executor(1) as ex:
+        assert ex._core._reaper is None
+        assert ex.submit(tasks.inc, 1).result(LIVENESS) == 2
+
+
+@pytest.mark.timeout(60)
+def test_threads_waiting_at_once_all_get_their_results(ex1):
+    errors: list = []
+
+    def loop(offset):
+        try:
+            for i in range(40):
+                assert ex1.submit(tasks.inc, offset + i).result(LIVENESS) == offset + i + 1
+        except Exception as exc:  # (reported below: an assert in a thread would be lost)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(1000 * n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(LIVENESS)
+    assert not errors
+    assert not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.timeout(60)
+def test_a_cancel_from_another_thread_wakes_the_waiting_thread(ex1, tmp_path):
+    started, gate = gate_paths(tmp_path, "busy")
+    busy = ex1.submit(tasks.gated, started, gate, "busy")  # the only worker: queued behind it
+    wait_until(lambda: os.path.exists(started), what="the gated task to start")
+    queued = ex1.submit(tasks.inc, 1)
+    threading.Timer(0.3, queued.cancel).start()
+    t0 = time.monotonic()
+    with pytest.raises(cf.CancelledError):
+        queued.result(LIVENESS)
+    assert time.monotonic() - t0 < LIVENESS / 2  # woken by the cancel, not by a timeout
+    release(gate)
+    assert busy.result(LIVENESS) == "busy"
+
+
+@pytest.mark.timeout(60)
+def test_a_timeout_while_waiting_then_the_result(ex1):
+    fut = ex1.submit(tasks.slow_inc, 1, 1.0)
+    t0 = time.monotonic()
+    with pytest.raises(cf.TimeoutError):
+        fut.result(timeout=0.1)
+    assert time.monotonic() - t0 < 0.9  # (the task takes 1 s)
+    assert fut.result(LIVENESS) == 2
+    assert ex1.submit(tasks.inc, 2).result(LIVENESS) == 3  # the lanes were handed back
+
+
+@pytest.mark.timeout(60)
+def test_results_another_thread_waits_for_arrive_while_one_thread_reaps(ex1, tmp_path):
+    """The reaping thread handles every lane, not only its own future's."""
+    started, gate = gate_paths(tmp_path, "long")
+    long = ex1.submit(tasks.gated, started, gate, "long")
+    wait_until(lambda: os.path.exists(started), what="the gated task to start")
+    quick = ex1.submit(tasks.inc, 5)
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(quick.result(LIVENESS)))
+    waiter.start()
+    threading.Timer(0.3, release, args=(gate,)).start()
+    assert long.result(LIVENESS) == "long"  # this thread reaps meanwhile
+    waiter.join(LIVENESS)
+    assert got == [6]
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_during_round_trips_loses_nothing(tmp_path):
+    """SIGINT at random moments of a loop of round trips: each raises KeyboardInterrupt in
+    the loop, and every future the loop got still finishes, and shutdown is quick (a message
+    lost halfway through being handled left its future pending and shutdown waiting)."""
+    script = write_script(
+        tmp_path,
+        """
+        import os, random, signal, threading, time
+        import meshpool, tasks
+
+        ex = meshpool.Executor(2)
+        ex.wait_for_workers(2, timeout=60)
+        stop = threading.Event()
+
+        def pester():
+            while not stop.wait(random.uniform(0.001, 0.01)):
+                os.kill(os.getpid(), signal.SIGINT)
+
+        futures, interrupts = [], 0
+        pest = threading.Thread(target=pester)
+        try:
+            pest.start()
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                try:
+                    fut = ex.submit(tasks.inc, len(futures))
+                    futures.append(fut)
+                    fut.result(10)
+                except KeyboardInterrupt:
+                    interrupts += 1
+        except KeyboardInterrupt:  # (outside the inner try: between two statements)
+            interrupts += 1
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            stop.set()
+            pest.join()
+        stuck = 0
+        for i, fut in enumerate(futures):
+            try:
+                assert fut.result(10) == i + 1
+            except Exception:
+                stuck += 1
+        t0 = time.monotonic()
+        ex.shutdown()
+        print(f"interrupts={interrupts} futures={len(futures)} stuck={stuck} "
+              f"shutdown={time.monotonic() - t0:.1f}")
+        """,
+    )
+    proc = run_script(script, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fields = dict(item.split("=") for item in proc.stdout.split())
+    assert int(fields["interrupts"]) >= 50, proc.stdout  # the loop was really interrupted
+    assert int(fields["futures"]) >= 100, proc.stdout
+    assert fields["stuck"] == "0", proc.stdout
+    assert float(fields["shutdown"]) < 10, proc.stdout
