@@ -159,3 +159,67 @@ def test_ctrl_c_during_round_trips_loses_nothing(tmp_path):
     assert int(fields["futures"]) >= 100, proc.stdout
     assert fields["stuck"] == "0", proc.stdout
     assert float(fields["shutdown"]) < 10, proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_sigint_handler_is_meshpools_while_open_and_python_default_after(tmp_path):
+    script = write_script(
+        tmp_path,
+        """
+        import signal
+        import meshpool, tasks
+        from meshpool.executor.interrupts import on_sigint
+
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ex = meshpool.Executor(1)
+        assert ex.submit(tasks.inc, 1).result(60) == 2  # the main thread read it
+        print("open:", signal.getsignal(signal.SIGINT) is on_sigint)
+        ex.shutdown()
+        print("shut:", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        """,
+    )
+    proc = run_script(script, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["open:", "True", "shut:", "True"]
+
+
+@pytest.mark.timeout(120)
+def test_a_programs_own_sigint_handler_stays_and_gets_every_interrupt_late(tmp_path):
+    """A handler the program installed is swapped out only while the main thread handles
+    messages; interrupts meanwhile reach it afterwards, and no future is lost."""
+    script = write_script(
+        tmp_path,
+        """
+        import os, signal, threading, time
+        import meshpool, tasks
+
+        calls = []
+
+        def mine(signum, frame):
+            calls.append(signum)
+
+        signal.signal(signal.SIGINT, mine)
+        ex = meshpool.Executor(2)
+        stop = threading.Event()
+        sent = 0
+
+        def pester():
+            global sent
+            while not stop.wait(0.002):
+                os.kill(os.getpid(), signal.SIGINT)
+                sent += 1
+
+        pest = threading.Thread(target=pester)
+        pest.start()
+        results = [ex.submit(tasks.inc, i).result(10) for i in range(1500)]
+        stop.set()
+        pest.join()
+        time.sleep(0.2)
+        ex.shutdown()
+        print(results == [i + 1 for i in range(1500)], signal.getsignal(signal.SIGINT) is mine,
+              len(calls) > 0, sent > 0)
+        """,
+    )
+    proc = run_script(script, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True"] * 4

@@ -54,7 +54,7 @@ from .commands import INLINE_COMMANDS, merge_runs
 from .connecting import connect_to_scheduler
 from .fetching import FETCH_TIMEOUT, Fetching, FetchRequest
 from .future import Future, Packed, Remote
-from .interrupts import HeldInterrupts
+from .interrupts import HeldInterrupts, restore_default
 from .reaping import Reaper
 
 logger = logging.getLogger("meshpool.client")
@@ -240,13 +240,14 @@ class ClientCore(Fetching):
         if not self._loop_lock.acquire(blocking=False):
             return False
         try:
-            self._inline = True
-            self.server.inline_begin()
-            try:
-                self._drain_commands(inline=True)
-            finally:
-                more = self.server.inline_end()
-                self._inline = False
+            with HeldInterrupts(swap=False):  # (see interrupts.py: free once installed)
+                self._inline = True
+                self.server.inline_begin()
+                try:
+                    self._drain_commands(inline=True)
+                finally:
+                    more = self.server.inline_end()
+                    self._inline = False
             return not (more or self._deferred or self._deferred_messages)
         finally:
             self._loop_lock.release()
@@ -338,6 +339,8 @@ class ClientCore(Fetching):
         self.command("close", cancel_futures)
         if wait and threading.current_thread() is not self.thread:
             self.thread.join()
+            if not _live_cores:  # (the last one gone: SIGINT's handler back to Python's)
+                restore_default()
 
     # --- the I/O thread ----------------------------------------------------------------------
 
