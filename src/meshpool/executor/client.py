@@ -54,7 +54,7 @@ from .commands import INLINE_COMMANDS, merge_runs
 from .connecting import connect_to_scheduler
 from .fetching import FETCH_TIMEOUT, Fetching, FetchRequest
 from .future import Future, Packed, Remote
-from .interrupts import HeldInterrupts, restore_default
+from .interrupts import HeldInterrupts
 from .reaping import Reaper
 
 logger = logging.getLogger("meshpool.client")
@@ -240,7 +240,7 @@ class ClientCore(Fetching):
         if not self._loop_lock.acquire(blocking=False):
             return False
         try:
-            with HeldInterrupts(swap=False):  # (see interrupts.py: free once installed)
+            with HeldInterrupts():  # (Ctrl-C halfway would lose the submit)
                 self._inline = True
                 self.server.inline_begin()
                 try:
@@ -339,8 +339,6 @@ class ClientCore(Fetching):
         self.command("close", cancel_futures)
         if wait and threading.current_thread() is not self.thread:
             self.thread.join()
-            if not _live_cores:  # (the last one gone: SIGINT's handler back to Python's)
-                restore_default()
 
     # --- the I/O thread ----------------------------------------------------------------------
 
