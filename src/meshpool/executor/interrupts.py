@@ -17,9 +17,15 @@ the main thread.
 from __future__ import annotations
 
 import threading
-from _signal import SIGINT
-from _signal import getsignal as _getsignal
-from _signal import signal as _setsignal
+
+try:  # (CPython's C module; see the module docstring)
+    from _signal import SIGINT
+    from _signal import getsignal as _getsignal
+    from _signal import signal as _setsignal
+except ImportError:  # pragma: no cover (another Python)
+    from signal import SIGINT
+    from signal import getsignal as _getsignal
+    from signal import signal as _setsignal
 from types import FrameType
 from typing import Any
 
