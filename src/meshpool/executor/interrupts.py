@@ -17,6 +17,8 @@ the main thread.
 from __future__ import annotations
 
 import threading
+from types import FrameType
+from typing import Any
 
 try:  # (CPython's C module; see the module docstring)
     from _signal import SIGINT
@@ -26,8 +28,6 @@ except ImportError:  # pragma: no cover (another Python)
     from signal import SIGINT
     from signal import getsignal as _getsignal
     from signal import signal as _setsignal
-from types import FrameType
-from typing import Any
 
 _MAIN_THREAD = threading.main_thread().ident
 
