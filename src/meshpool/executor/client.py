@@ -237,10 +237,12 @@ class ClientCore(Fetching):
         is left for the I/O thread to do."""
         if self.server is None or self.pending or self.broken is not None or self.closing:
             return False
-        if not self._loop_lock.acquire(blocking=False):
-            return False
-        try:
-            with HeldInterrupts():  # (Ctrl-C halfway would lose the submit)
+        # (signals held from before the lock is taken: a handler raising between the acquire
+        # and the try would leave it taken, and the I/O thread stuck for good)
+        with HeldInterrupts():
+            if not self._loop_lock.acquire(blocking=False):
+                return False
+            try:
                 self._inline = True
                 self.server.inline_begin()
                 try:
@@ -248,9 +250,9 @@ class ClientCore(Fetching):
                 finally:
                     more = self.server.inline_end()
                     self._inline = False
-            return not (more or self._deferred or self._deferred_messages)
-        finally:
-            self._loop_lock.release()
+                return not (more or self._deferred or self._deferred_messages)
+            finally:
+                self._loop_lock.release()
 
     def reap(self, fut: Future, timeout: float | None) -> bool:
         """``result()`` with the cluster embedded: wait for ``fut`` on the lanes, in this thread
@@ -268,7 +270,7 @@ class ClientCore(Fetching):
     def _reap_lanes(self, events: list[tuple[int, int]]) -> bool:
         """Run what arrived on ready lanes through the state machine, here; False if the I/O
         thread has stopped (nothing runs the state any more)."""
-        with HeldInterrupts(), self._loop_lock:  # (Ctrl-C halfway would lose messages)
+        with self._loop_lock:  # (signals are held: see Reaper.wait)
             if self._stopped:
                 return False
             self._inline = True

@@ -231,11 +231,13 @@ class Future(_base.Future):
         """``result()`` of a future nobody made a Condition for: wait on a lock of our own that
         its completion releases, as a stdlib waiter. A Condition, made and waited on, was ~5 %
         of the caller's py-spy samples in a round-trip loop, and stayed on the future (~1 KB)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._client.reap(self, timeout):  # (embedded: read the lanes in this thread)
             waiter = _ResultWaiter()
             if install_waiter(self, waiter):
                 try:
-                    waiter.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
+                    left = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+                    waiter.lock.acquire(timeout=left)
                 finally:
                     remove_waiter(self, waiter)
         state = self._state

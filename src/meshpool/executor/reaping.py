@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .future import _DONE_STATES, install_waiter, remove_waiter
+from .interrupts import HeldInterrupts
 
 LaneHandler = Callable[[list[tuple[int, int]]], bool]
 
@@ -61,24 +62,32 @@ class Reaper:
         """Wait for ``fut`` here, passing lane events to ``handle`` (which returns False once
         the client has stopped). True when ``fut`` is done or ``timeout`` has passed; False if
         the caller should wait the usual way (another thread reaps, or the client stopped)."""
-        if not self._turn.acquire(blocking=False):
-            return False
-        try:
-            if self._closed:
+        # (signals held for the whole wait: a handler raising between the epoll wait and the
+        # handling of what it returned would lose that, the I/O thread never told; between a
+        # lock's acquire and its try, it would leave the lock taken)
+        with HeldInterrupts() as held:
+            if not self._turn.acquire(blocking=False):
                 return False
-            signal = _Signal(self._signal_fd)
-            if not install_waiter(fut, signal):
-                return True
             try:
-                return self._wait(fut, timeout, handle)
+                if self._closed:
+                    return False
+                signal = _Signal(self._signal_fd)
+                if not install_waiter(fut, signal):
+                    return True
+                held.wake_fd = self._signal_fd  # (a held signal ends the epoll wait)
+                try:
+                    return self._wait(fut, timeout, handle, held)
+                finally:
+                    held.wake_fd = -1
+                    remove_waiter(fut, signal)
             finally:
-                remove_waiter(fut, signal)
-        finally:
-            self._turn.release()
-            if self._closed:  # (after the release: see close())
-                self.close()
+                self._turn.release()
+                if self._closed:  # (after the release: see close())
+                    self.close()
 
-    def _wait(self, fut: Any, timeout: float | None, handle: LaneHandler) -> bool:
+    def _wait(
+        self, fut: Any, timeout: float | None, handle: LaneHandler, held: HeldInterrupts
+    ) -> bool:
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         signal_fd = self._signal_fd
         while fut._state not in _DONE_STATES:
@@ -96,6 +105,8 @@ class Reaper:
                 if not handle(events):
                     return fut._state in _DONE_STATES
             if self._closed:
+                return fut._state in _DONE_STATES
+            if held.caught:  # (its handler runs as the hold ends; then, wait as usual)
                 return fut._state in _DONE_STATES
         return True
 
