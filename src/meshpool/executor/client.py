@@ -54,7 +54,7 @@ from .commands import INLINE_COMMANDS, merge_runs
 from .connecting import connect_to_scheduler
 from .fetching import FETCH_TIMEOUT, Fetching, FetchRequest
 from .future import Future, Packed, Remote
-from .interrupts import HeldInterrupts
+from .inline import InlineState
 from .reaping import Reaper
 
 logger = logging.getLogger("meshpool.client")
@@ -71,7 +71,7 @@ _live_cores: weakref.WeakSet = weakref.WeakSet()
 _exiting = False
 
 
-class ClientCore(Fetching):
+class ClientCore(Fetching, InlineState):
     """Everything one executor shares with its I/O thread."""
 
     def __init__(
@@ -228,61 +228,6 @@ class ClientCore(Fetching):
                 if isinstance(arg, PlainFuture) and not arg.done():
                     with contextlib.suppress(InvalidStateError):
                         arg.set_exception(exc)
-
-    def _submit_inline(self) -> bool:
-        """Idle, with the cluster embedded: run the queued submit on the caller's thread, from
-        the state machine to the lanes, instead of waking the I/O thread to do it. A round trip
-        is then one thread wake-up shorter (each costs tens of µs, more on a busy machine).
-        Busy (tasks pending), submits go to the I/O thread, which batches them. True if nothing
-        is left for the I/O thread to do."""
-        if self.server is None or self.pending or self.broken is not None or self.closing:
-            return False
-        # (signals held from before the lock is taken: a handler raising between the acquire
-        # and the try would leave it taken, and the I/O thread stuck for good)
-        with HeldInterrupts():
-            if not self._loop_lock.acquire(blocking=False):
-                return False
-            try:
-                self._inline = True
-                self.server.inline_begin()
-                try:
-                    self._drain_commands(inline=True)
-                finally:
-                    more = self.server.inline_end()
-                    self._inline = False
-                return not (more or self._deferred or self._deferred_messages)
-            finally:
-                self._loop_lock.release()
-
-    def reap(self, fut: Future, timeout: float | None) -> bool:
-        """``result()`` with the cluster embedded: wait for ``fut`` on the lanes, in this thread
-        (``reaping.py``). True when it is done or ``timeout`` passed; False: wait as usual."""
-        reaper = self._reaper
-        if (
-            reaper is None
-            or self.broken is not None
-            or os.getpid() != self.pid
-            or threading.current_thread() is self.thread
-        ):
-            return False
-        return reaper.wait(fut, timeout, self._reap_lanes)
-
-    def _reap_lanes(self, events: list[tuple[int, int]]) -> bool:
-        """Run what arrived on ready lanes through the state machine, here; False if the I/O
-        thread has stopped (nothing runs the state any more)."""
-        with self._loop_lock:  # (signals are held: see Reaper.wait)
-            if self._stopped:
-                return False
-            self._inline = True
-            self.server.inline_begin()
-            try:
-                self.server.handle_lane_events(events)
-            finally:
-                more = self.server.inline_end()
-                self._inline = False
-        if more or self._deferred_messages:
-            self.wake()
-        return True
 
     def release_soon(self, key: Any) -> None:
         """Called by future finalizers (anywhere, any time): only enqueue. The I/O thread reads
