@@ -53,13 +53,7 @@ class InlineState:
             if not self._loop_lock.acquire(blocking=False):
                 return False
             try:
-                self._inline = True
-                self.server.inline_begin()
-                try:
-                    self._drain_commands(inline=True)
-                finally:
-                    more = self.server.inline_end()
-                    self._inline = False
+                more = self._run_inline(self._drain_commands, True)
                 return not (more or self._deferred or self._deferred_messages)
             finally:
                 self._loop_lock.release()
@@ -83,13 +77,19 @@ class InlineState:
         with self._loop_lock:  # (signals are held: see Reaper.wait)
             if self._stopped:
                 return False
-            self._inline = True
-            self.server.inline_begin()
-            try:
-                self.server.handle_lane_events(events)
-            finally:
-                more = self.server.inline_end()
-                self._inline = False
+            more = self._run_inline(self.server.handle_lane_events, events)
         if more or self._deferred_messages:
             self.wake()
         return True
+
+    def _run_inline(self, work: Any, arg: Any) -> bool:
+        """``work(arg)`` on this thread, under the loop lock: what goes to lanes is sent, what
+        goes to zmq peers or needs the loop waits for it; True if the loop has work left."""
+        self._inline = True
+        self.server.inline_begin()
+        try:
+            work(arg)
+        finally:
+            more = self.server.inline_end()
+            self._inline = False
+        return bool(more)

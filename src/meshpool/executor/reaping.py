@@ -102,11 +102,9 @@ class Reaper:
             # (what the kernel woke us for, the I/O thread was not told: handled here, always)
             if events:
                 self.turns += 1
-                if not handle(events):
-                    return fut._state in _DONE_STATES
-            if self._closed:
-                return fut._state in _DONE_STATES
-            if held.caught:  # (its handler runs as the hold ends; then, wait as usual)
+            stopped = bool(events) and not handle(events)
+            # (a held signal's handler runs as the hold ends; then, wait as usual)
+            if stopped or self._closed or held.caught:
                 return fut._state in _DONE_STATES
         return True
 

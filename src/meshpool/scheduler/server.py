@@ -277,8 +277,14 @@ class SchedulerServer:
         assert self._listener is not None and self._lane_epoll is not None
         for lane in self._listener.accept():
             self._lane_fds[lane.fd] = lane
-            for epoll in [*self._lane_watchers, self._lane_epoll]:  # (in this order)
+            for epoll in self._lane_sets():
                 epoll.register(lane.fd, _LANE_READABLE)
+
+    def _lane_sets(self) -> list[select.epoll]:
+        """The epoll sets lanes are registered in, in the order they must be (watch_lanes)."""
+        if self._lane_epoll is None:
+            return []
+        return [*self._lane_watchers, self._lane_epoll]
 
     def _on_lane_event(self, lane: lanes.Lane, flags: int, now: float) -> None:
         if flags & _POLLOUT:
@@ -332,10 +338,9 @@ class SchedulerServer:
         loop's.)"""
         if self._lanes.get(lane.peer) is lane:
             del self._lanes[lane.peer]
-        for epoll in [*self._lane_watchers, self._lane_epoll]:  # (any thread may)
-            if epoll is not None:
-                with contextlib.suppress(OSError, ValueError):  # (not there, or closed)
-                    epoll.unregister(lane.fd)
+        for epoll in self._lane_sets():  # (any thread may)
+            with contextlib.suppress(OSError, ValueError):  # (not there, or closed)
+                epoll.unregister(lane.fd)
         lane.closed = True
         if self._inline:
             self._dropped_inline.append(lane)
